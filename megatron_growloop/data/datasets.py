@@ -1,0 +1,143 @@
+"""Training/validation datasets through megatron-core's ``GPTDataset`` and
+``BlendedMegatronDatasetBuilder``, and the deterministic micro-batch iterator.
+
+``--data-path`` takes Megatron-LM's syntax: ``PREFIX`` or ``W1 PREFIX1 W2 PREFIX2 ...``.
+The iterator is a pure function of ``consumed_samples``, which is what makes
+resumption exact: a resumed run reads exactly the samples the uninterrupted run
+would have read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import UsageError
+from .preprocess import dataset_exists
+
+
+def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
+    """``["A"]`` -> ``(["A"], None)``; ``["0.8", "A", "0.2", "B"]`` -> ``(["A","B"], [0.8,0.2])``."""
+    items = [str(x) for x in data_path]
+    if not items:
+        raise UsageError("--data-path is empty")
+    if len(items) == 1:
+        prefixes, weights = items, None
+    else:
+        if len(items) % 2:
+            raise UsageError(
+                f"--data-path {' '.join(items)!r}: expected one PREFIX or pairs 'WEIGHT PREFIX ...'"
+            )
+        try:
+            weights = [float(w) for w in items[0::2]]
+        except ValueError:
+            raise UsageError(
+                f"--data-path {' '.join(items)!r}: with several datasets every PREFIX needs a "
+                "numeric WEIGHT before it"
+            ) from None
+        prefixes = items[1::2]
+        if any(w <= 0 for w in weights):
+            raise UsageError(f"--data-path weights must be positive, got {weights}")
+    for p in prefixes:
+        if p.endswith(".bin") or p.endswith(".idx"):
+            raise UsageError(f"--data-path {p!r}: give the prefix without .bin/.idx")
+        if not dataset_exists(p):
+            raise UsageError(
+                f"--data-path {p!r}: missing {p}.bin or {p}.idx (build it with tools/preprocess_data.py)"
+            )
+    return prefixes, weights
+
+
+def build_gpt_datasets(
+    blend: Tuple[List[str], Optional[List[float]]],
+    tokenizer,
+    seq_length: int,
+    num_samples: Sequence[Optional[int]],
+    split: str = "969,30,1",
+    seed: int = 1234,
+    cache_path: Optional[str] = None,
+):
+    """(train, valid, test) ``GPTDataset``/``BlendedDataset`` objects with at least the
+    requested number of samples each (None: not built)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    try:
+        [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise UsageError(f"--split {split!r}: expected comma-separated numbers like 969,30,1") from None
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=blend,
+        split=split,
+        path_to_cache=cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    sizes = [n for n in num_samples]
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
+    return builder.build()
+
+
+@dataclass
+class BatchSchedule:
+    """Which samples a data-parallel rank reads for one global batch."""
+
+    micro_batch_size: int
+    global_batch_size: int
+    data_parallel_size: int
+    data_parallel_rank: int
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
+
+    def microbatch_indices(self, consumed_samples: int, micro_step: int) -> range:
+        """Megatron's pretraining sampler order: micro-step j of the global batch starting at
+        ``consumed_samples`` covers samples ``[c + j*mbs*dp, c + (j+1)*mbs*dp)``, and DP rank r
+        takes its ``mbs`` of them."""
+        start = consumed_samples + micro_step * self.micro_batch_size * self.data_parallel_size
+        start += self.data_parallel_rank * self.micro_batch_size
+        return range(start, start + self.micro_batch_size)
+
+
+def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}
+
+
+class MicroBatchIterator:
+    """Yields this rank's micro-batches in order; position = samples consumed globally.
+
+    ``dataset`` is indexed modulo its length, so a short dataset cycles (with the
+    dataset's own shuffling) rather than ending the run.
+    """
+
+    def __init__(self, dataset, schedule: BatchSchedule, consumed_samples: int = 0):
+        self.dataset = dataset
+        self.schedule = schedule
+        self.consumed_samples = int(consumed_samples)
+        self._micro_step = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        idx = self.schedule.microbatch_indices(self.consumed_samples, self._micro_step)
+        n = len(self.dataset)
+        batch = collate([self.dataset[i % n] for i in idx])
+        self._micro_step += 1
+        if self._micro_step == self.schedule.num_microbatches:
+            self._micro_step = 0
+            self.consumed_samples += self.schedule.global_batch_size
+        return batch

@@ -1,0 +1,33 @@
+"""User-facing errors.
+
+Every mistake a user can make on the command line or in a config raises
+:class:`UsageError` with a single-line message that names the bad value and
+what is allowed.  The CLIs catch it, print ``error: <message>`` and exit with
+status 2 without a traceback and without writing anything.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+
+class UsageError(ValueError):
+    """Bad input from the user; the message is one line and says what is allowed."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+def fail(message: str) -> "NoReturn":  # noqa: F821
+    raise UsageError(message)
+
+
+@contextmanager
+def cli_errors(prog: str):
+    """Turn :class:`UsageError` into ``prog: error: ...`` on stderr and exit 2."""
+    try:
+        yield
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2)

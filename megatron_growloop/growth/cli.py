@@ -1,0 +1,41 @@
+"""Growth flags of ``megatron_growloop.pretrain``."""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+from .operators import GROW_METHODS
+
+
+def add_growth_args(parser) -> None:
+    g = parser.add_argument_group("depth growth")
+    g.add_argument("--grow-method", choices=list(GROW_METHODS), default=None,
+                   help="grow depth during training (MIDAS, LIDAS or stacking); --num-layers is the start depth")
+    g.add_argument("--grow-block-size", type=int, default=4, help="B: layers inserted per growth step")
+    g.add_argument("--grow-final-layers", type=int, default=None, help="final depth")
+    g.add_argument("--grow-schedule", choices=["prop"], default="prop", help="stage budgets: PROP-alpha")
+    g.add_argument("--grow-alpha", type=float, default=1.0)
+    g.add_argument("--grow-iters", type=int, default=None,
+                   help="T: iterations of the growth phase (all stages incl. the first at full depth)")
+
+
+def validate_growth_args(args) -> None:
+    if not args.grow_method:
+        for name in ("grow_final_layers", "grow_iters"):
+            if getattr(args, name) is not None:
+                raise UsageError(f"--{name.replace('_', '-')} needs --grow-method")
+        args.growth_plan = None
+        return
+    if args.grow_final_layers is None or args.grow_iters is None:
+        raise UsageError("--grow-method needs --grow-final-layers and --grow-iters")
+    if args.loop or args.retrofit_loop:
+        raise UsageError("growing a looped model is not supported: drop --loop/--retrofit-loop or --grow-method")
+    if args.grow_iters > args.train_iters:
+        raise UsageError(
+            f"--grow-iters {args.grow_iters} exceeds --train-iters {args.train_iters}: the run would end before its final depth"
+        )
+    from .schedule import GrowthPlan
+
+    args.growth_plan = GrowthPlan.build(
+        args.grow_method, args.grow_block_size, args.num_layers, args.grow_final_layers,
+        args.grow_iters, args.grow_alpha,
+    )

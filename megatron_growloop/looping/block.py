@@ -1,0 +1,129 @@
+"""The looped transformer block: megatron-core's ``TransformerBlock`` walking a schedule.
+
+``config.num_layers`` counts *unique* layers, so parameters, checkpoint keys,
+pipeline offsets and Hugging Face mappings are exactly those of an ordinary
+model.  What changes is the order in which the block applies its layers: the
+block holds a *local schedule* (indices into ``self.layers``) and, for the
+duration of a forward pass, presents megatron-core's own forward with the
+sequence of scheduled applications instead of the list of unique layers.  All
+of megatron-core's forward logic (viewless tensors, sequence-parallel RNG,
+FP8 contexts, full activation recomputation, the final norm) is reused as is.
+
+Each application is wrapped in a light :class:`_Application` object.  During
+inference with a KV cache it temporarily gives the attention module a per-
+application ``layer_number`` so that repeated applications of one layer get
+their own cache slots (megatron-core keys the static KV cache by
+``layer_number``).  Outside inference the layer runs untouched.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import List, Optional, Sequence
+
+from megatron.core.transformer.transformer_block import TransformerBlock
+
+from ..errors import UsageError
+from .spec import stage_local_schedule
+
+
+class _Application:
+    """One application of a unique layer at a given position of the schedule."""
+
+    __slots__ = ("layer", "slot")
+
+    def __init__(self, layer, slot: int):
+        self.layer = layer
+        self.slot = slot  # 1-based KV-cache slot, unique over the whole unrolled model
+
+    @property
+    def layer_number(self) -> int:
+        # FP8/FP4 per-layer contexts are keyed by the unique layer.
+        return self.layer.layer_number
+
+    def __getattr__(self, name):
+        return getattr(self.layer, name)
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("inference_context") is None:
+            return self.layer(*args, **kwargs)
+        attn = self.layer.self_attention
+        saved = attn.layer_number
+        attn.layer_number = self.slot
+        try:
+            return self.layer(*args, **kwargs)
+        finally:
+            attn.layer_number = saved
+
+
+class LoopedTransformerBlock(TransformerBlock):
+    """A ``TransformerBlock`` whose forward applies its layers in schedule order.
+
+    The global schedule is set by :meth:`set_global_schedule` (the model builder
+    does this from the loop spec); with the identity schedule the block is
+    numerically the parent class.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._unique_layers_per_rank = len(self.layers)
+        self._layer_offset = (self.layers[0].layer_number - 1) if len(self.layers) else 0
+        self.local_schedule: List[int] = list(range(len(self.layers)))
+        self._slot_offset = 0
+        self._view_depth = 0
+        self._view: Optional[List[_Application]] = None
+
+    # ------------------------------------------------------------------ schedule
+    def set_global_schedule(self, schedule: Sequence[int], stage_first_layer: Optional[int] = None):
+        """Install the model-wide schedule; this stage runs its contiguous part of it."""
+        first = self._layer_offset if stage_first_layer is None else stage_first_layer
+        local = stage_local_schedule(schedule, first, self._unique_layers_per_rank)
+        positions = [p for p, idx in enumerate(schedule) if first <= idx < first + self._unique_layers_per_rank]
+        self._slot_offset = positions[0] if positions else 0
+        if len(local) == 0 and self._unique_layers_per_rank:
+            raise UsageError(
+                f"the schedule never applies layers {first}..{first + self._unique_layers_per_rank - 1}"
+            )
+        self.local_schedule = local
+        self._view = None
+
+    @property
+    def num_applications(self) -> int:
+        return len(self.local_schedule)
+
+    def _applications(self) -> List[_Application]:
+        if self._view is None:
+            self._view = [
+                _Application(self.layers[idx], self._slot_offset + pos + 1)
+                for pos, idx in enumerate(self.local_schedule)
+            ]
+        return self._view
+
+    def _is_identity(self) -> bool:
+        return self.local_schedule == list(range(self._unique_layers_per_rank))
+
+    @contextmanager
+    def _scheduled_view(self):
+        """Present the scheduled applications as ``self.layers`` to the parent forward.
+
+        ``nn.Module`` keeps submodules in ``_modules``; an entry in the instance
+        ``__dict__`` shadows it for attribute access only, so parameters, state
+        dicts and hooks still see the unique layers.
+        """
+        if self._is_identity() or self._view_depth:
+            yield
+            return
+        apps = self._applications()
+        self.__dict__["layers"] = apps
+        self.num_layers_per_pipeline_rank = len(apps)
+        self._view_depth += 1
+        try:
+            yield
+        finally:
+            self._view_depth -= 1
+            del self.__dict__["layers"]
+            self.num_layers_per_pipeline_rank = self._unique_layers_per_rank
+
+    def forward(self, *args, **kwargs):
+        with self._scheduled_view():
+            return super().forward(*args, **kwargs)

@@ -1,0 +1,281 @@
+"""Command-line arguments of ``megatron_growloop.pretrain``.
+
+Flag names follow Megatron-LM's ``pretrain_gpt.py`` wherever the concept
+exists, so existing launch scripts need few changes.  Loop and growth flags are
+contributed by :mod:`megatron_growloop.looping.cli` and
+:mod:`megatron_growloop.growth.cli`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional
+
+from ..errors import UsageError
+from ..model.presets import PRESETS, get_preset
+
+ARCH_ARGS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "seq_length",
+    "max_position_embeddings",
+    "rotary_base",
+    "norm_epsilon",
+    "init_method_std",
+)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like every other usage error
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog: str = "megatron_growloop.pretrain") -> argparse.ArgumentParser:
+    p = _ArgumentParser(
+        prog=prog,
+        description="Pretrain a (looped or depth-grown) SmolLM-style GPT on megatron-core.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model-preset", default="tiny", help=f"one of: {', '.join(PRESETS)}")
+    g.add_argument("--num-layers", type=int, help="number of unique layers (starting depth when growing)")
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--num-query-groups", type=int)
+    g.add_argument("--group-query-attention", action="store_true", help="accepted for Megatron-LM compatibility")
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--kv-channels", type=int)
+    g.add_argument("--seq-length", type=int)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--rotary-base", type=float)
+    g.add_argument("--norm-epsilon", type=float)
+    g.add_argument("--init-method-std", type=float)
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default=None,
+                   help="default: transformer_engine when importable on GPU, else local")
+    g.add_argument("--attention-backend", choices=["flash", "fused", "unfused", "local", "auto"], default="auto")
+    g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None)
+    g.add_argument("--fp8-recipe", choices=["tensorwise", "delayed", "mxfp8", "blockwise"], default="delayed")
+    g.add_argument("--cuda-graph-impl", choices=["none", "local", "transformer_engine"], default="none")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-layout", default=None,
+                   help="Megatron-LM layout string, e.g. 'Et*3|t*4|t*4|t*3L'; default: balanced by layer applications")
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true")
+    g.add_argument("--overlap-param-gather", action="store_true")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
+                   help="default: nccl on GPU, gloo on CPU")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel size")
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) at this iteration")
+
+    g = p.add_argument_group("optimizer and learning rate")
+    g.add_argument("--optimizer", choices=["adam"], default="adam")
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"],
+                   default="cosine")
+    g.add_argument("--lr-wsd-decay-style", choices=["exponential", "linear", "cosine", "minus_sqrt"], default="linear")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="checkpoint directory")
+    g.add_argument("--load", default=None, help="checkpoint directory (or one iter_* directory) to resume from")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration, optimizer and data position")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true", default=True,
+                   help="always on: optimizer state is saved so it loads at any TP/PP/DP and depth")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="PREFIX or 'W1 PREFIX1 W2 PREFIX2 ...'; default: the embedded corpus")
+    g.add_argument("--cooldown-data-path", nargs="+", default=None,
+                   help="blend used from --cooldown-start-iter on (e.g. math-heavy); same syntax as --data-path")
+    g.add_argument("--cooldown-start-iter", type=int, default=None,
+                   help="default: the first iteration of the WSD decay")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--mock-data", action="store_true", help="random tokens (throughput runs)")
+    g.add_argument("--tokenizer-type", choices=["HuggingFaceTokenizer", "ByteTokenizer"], default="HuggingFaceTokenizer")
+    g.add_argument("--tokenizer-model", default=None, help="HF tokenizer dir, tokenizer.json, .gguf, or 'smollm2' (default)")
+    g.add_argument("--vocab-size", type=int, default=None, help="vocabulary for --mock-data")
+
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None, help="default: <save>/tensorboard when --save is set")
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--metrics-file", default=None,
+                   help="append one JSON line per iteration (loss, lr, grad norm, depth, FLOPs) to this file")
+
+    from ..growth.cli import add_growth_args
+    from ..looping.cli import add_loop_args
+
+    add_loop_args(p)
+    add_growth_args(p)
+    return p
+
+
+def apply_preset(args) -> None:
+    """Fill architecture fields from ``--model-preset`` unless given explicitly."""
+    preset = get_preset(args.model_preset)
+    args.preset = preset
+    args._explicit_num_layers = args.num_layers is not None
+    for name in ARCH_ARGS:
+        if getattr(args, name, None) is None:
+            setattr(args, name, getattr(preset, name))
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    if args.kv_channels is None:
+        if args.hidden_size % args.num_attention_heads:
+            raise UsageError(
+                f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+                f"{args.num_attention_heads} (or set --kv-channels)"
+            )
+        args.kv_channels = args.hidden_size // args.num_attention_heads
+    if not args.untie_embeddings_and_output_weights and not preset.tie_embeddings:
+        args.untie_embeddings_and_output_weights = True
+
+
+def validate_args(args, world_size: int) -> None:
+    """Check everything that can be checked before any process group exists."""
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
+                 "train_iters", "num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                 "log_interval", "eval_iters"):
+        v = getattr(args, name)
+        if v is None or v < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if world_size % (tp * pp):
+        raise UsageError(
+            f"world size {world_size} is not divisible by tensor x pipeline parallel size {tp}x{pp}"
+        )
+    dp = world_size // (tp * pp)
+    args.data_parallel_size = dp
+    if args.num_attention_heads % tp:
+        raise UsageError(
+            f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+            f"--tensor-model-parallel-size {tp}"
+        )
+    if args.num_query_groups % tp and tp % args.num_query_groups:
+        raise UsageError(
+            f"--num-query-groups {args.num_query_groups} and --tensor-model-parallel-size {tp}: "
+            "one must divide the other"
+        )
+    if args.num_attention_heads % args.num_query_groups:
+        raise UsageError(
+            f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+            f"--num-query-groups {args.num_query_groups}"
+        )
+    if args.ffn_hidden_size % tp:
+        raise UsageError(f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by TP size {tp}")
+    if args.seq_length > args.max_position_embeddings:
+        raise UsageError(
+            f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}"
+        )
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise UsageError(
+            f"--global-batch-size {args.global_batch_size} is not divisible by micro batch x data "
+            f"parallel size = {args.micro_batch_size}x{dp}"
+        )
+    if args.sequence_parallel and tp == 1:
+        args.sequence_parallel = False
+    if args.sequence_parallel and args.seq_length % tp:
+        raise UsageError(f"--seq-length {args.seq_length} must be divisible by TP {tp} with --sequence-parallel")
+    if args.bf16 and args.fp16:
+        raise UsageError("choose at most one of --bf16 and --fp16")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters >= args.lr_decay_iters:
+        raise UsageError(
+            f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters {args.lr_decay_iters}"
+        )
+    if args.min_lr > args.lr:
+        raise UsageError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.lr_decay_style == "WSD":
+        if args.lr_wsd_decay_iters is None:
+            raise UsageError("--lr-decay-style WSD needs --lr-wsd-decay-iters (length of the cooldown)")
+        if not 0 < args.lr_wsd_decay_iters <= args.lr_decay_iters:
+            raise UsageError(
+                f"--lr-wsd-decay-iters {args.lr_wsd_decay_iters} must be in 1..--lr-decay-iters ({args.lr_decay_iters})"
+            )
+    if args.cooldown_data_path and args.cooldown_start_iter is None:
+        if args.lr_decay_style != "WSD":
+            raise UsageError("--cooldown-data-path needs --cooldown-start-iter (or --lr-decay-style WSD)")
+        args.cooldown_start_iter = args.lr_decay_iters - args.lr_wsd_decay_iters
+    if args.save_interval is not None and args.save_interval < 1:
+        raise UsageError(f"--save-interval must be >= 1, got {args.save_interval}")
+    if args.eval_interval is not None and args.eval_interval < 1:
+        raise UsageError(f"--eval-interval must be >= 1, got {args.eval_interval}")
+    if args.tensorboard_dir is None and args.save:
+        args.tensorboard_dir = os.path.join(args.save, "tensorboard")
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise UsageError("--overlap-param-gather needs --use-distributed-optimizer")
+    from ..platform import has_cuda
+
+    if args.transformer_impl is None:
+        args.transformer_impl = "transformer_engine" if (has_cuda() and _te_importable()) else "local"
+    if args.transformer_impl == "transformer_engine" and not _te_importable():
+        raise UsageError(
+            "--transformer-impl transformer_engine: Transformer Engine is not importable here "
+            "(install the gpu extra on a CUDA machine, or use --transformer-impl local)"
+        )
+    if args.fp8_format and args.transformer_impl != "transformer_engine":
+        raise UsageError("--fp8-format needs --transformer-impl transformer_engine")
+    from ..growth.cli import validate_growth_args
+    from ..looping.cli import validate_loop_args
+
+    validate_loop_args(args)
+    validate_growth_args(args)
+    if pp > args.num_layers:
+        raise UsageError(
+            f"--num-layers {args.num_layers} cannot be split over --pipeline-model-parallel-size {pp} "
+            "(every stage needs at least one layer)"
+        )
+
+
+def _te_importable() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None):
+    args = build_parser().parse_args(argv)
+    apply_preset(args)
+    validate_args(args, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
+    return args

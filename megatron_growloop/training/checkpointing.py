@@ -1,0 +1,240 @@
+"""Megatron distributed checkpoints (torch_dist), written atomically, resumed exactly.
+
+Layout (Megatron-LM's)::
+
+    SAVE/latest_checkpointed_iteration.txt      # moves only after a complete save
+    SAVE/iter_0000120/                          # torch_dist: .metadata, *.distcp, common.pt
+    SAVE/iter_0000120/growloop.json             # what is needed to rebuild the model
+
+A save goes to ``iter_XXXXXXX.tmp`` first; only when every rank has finished,
+rank 0 writes ``growloop.json``, renames the directory into place and replaces
+the ``latest`` marker with an atomic rename.  A crash at any point leaves the
+previous checkpoint and marker untouched.
+
+Optimizer state is always saved in the *fully reshardable* (model-space)
+format, so a checkpoint loads at any TP/PP/DP -- and, through a source view,
+at another depth (growth).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+from ..errors import UsageError
+
+FORMAT_VERSION = 1
+META_NAME = "growloop.json"
+TRACKER = "latest_checkpointed_iteration.txt"
+OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+# ------------------------------------------------------------------------------------ paths
+def resolve_load_dir(path: str) -> Tuple[Path, int]:
+    """``(checkpoint directory, iteration)`` for a ``--load`` argument.
+
+    Accepts a save directory (uses its ``latest`` marker) or one ``iter_*`` directory.
+    Raises a one-line :class:`UsageError` for missing, partial or corrupt checkpoints.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"--load {path!r} does not exist")
+    if (p / META_NAME).exists() or p.name.startswith("iter_"):
+        ckpt = p
+    else:
+        tracker = p / TRACKER
+        if not tracker.exists():
+            partial = sorted(x.name for x in p.glob("iter_*.tmp*"))
+            hint = f" (found only incomplete saves: {', '.join(partial)})" if partial else ""
+            raise UsageError(f"--load {path!r} holds no checkpoint: {TRACKER} is missing{hint}")
+        text = tracker.read_text().strip()
+        if not text.isdigit():
+            raise UsageError(f"--load {path!r}: {TRACKER} is corrupt (content {text[:40]!r})")
+        ckpt = p / iter_dir_name(int(text))
+    meta_path = ckpt / META_NAME
+    if not ckpt.is_dir() or not meta_path.exists() or not (ckpt / ".metadata").exists():
+        raise UsageError(
+            f"checkpoint {str(ckpt)!r} is incomplete or corrupt (missing {META_NAME} or .metadata)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"checkpoint {str(ckpt)!r}: {META_NAME} is corrupt ({exc.msg})") from None
+    return ckpt, int(meta.get("iteration", 0))
+
+
+def read_metadata(path: str) -> Dict[str, Any]:
+    ckpt, _ = resolve_load_dir(path)
+    meta = json.loads((ckpt / META_NAME).read_text())
+    meta["_dir"] = str(ckpt)
+    return meta
+
+
+# ------------------------------------------------------------------------------------ RNG
+def _rng_state() -> Dict[str, Any]:
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(state=None) -> ShardedObject:
+    pp, tp = parallel_state.get_pipeline_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_world_size()
+    dp = parallel_state.get_data_parallel_world_size()
+    offset = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(),
+    )
+    return ShardedObject("rng_state", state, (pp, tp, dp), offset, replica_id=0)
+
+
+def _parallel_layout() -> Dict[str, int]:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+# ------------------------------------------------------------------------------------ state dicts
+def model_sharded_state_dict(model_chunks) -> Dict[str, Any]:
+    assert len(model_chunks) == 1, "virtual pipeline stages are not supported"
+    return unwrap(model_chunks[0]).sharded_state_dict()
+
+
+def unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def save_checkpoint(
+    save_dir: str,
+    iteration: int,
+    model_chunks,
+    optimizer=None,
+    scheduler=None,
+    common: Optional[Dict[str, Any]] = None,
+    metadata: Optional[Dict[str, Any]] = None,
+) -> str:
+    """Save model (+ optimizer, scheduler, RNG, counters) at ``iteration``; return its directory."""
+    root = Path(save_dir)
+    final = root / iter_dir_name(iteration)
+    tmp = root / (iter_dir_name(iteration) + ".tmp")
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+
+    model_sd = model_sharded_state_dict(model_chunks)
+    state: Dict[str, Any] = {"model": model_sd}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA)
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    state["rng_state"] = _rng_sharded_object(_rng_state())
+    state["iteration"] = iteration
+    state["growloop"] = dict(common or {})
+    dist_checkpointing.save(state, str(tmp), validate_access_integrity=True)
+    dist.barrier()
+    if rank0:
+        meta = dict(metadata or {})
+        meta.update(
+            format_version=FORMAT_VERSION,
+            iteration=iteration,
+            parallel=_parallel_layout(),
+            has_optimizer=optimizer is not None,
+            optimizer_sharding=OPTIM_METADATA["distrib_optim_sharding_type"],
+        )
+        _write_atomic(tmp / META_NAME, json.dumps(meta, indent=2, sort_keys=True, default=str))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(root / TRACKER, str(iteration))
+    dist.barrier()
+    return str(final)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(
+    load_dir: str,
+    model_chunks,
+    optimizer=None,
+    scheduler=None,
+    load_rng: bool = True,
+    model_state_dict_fn=None,
+) -> Dict[str, Any]:
+    """Load into live model (and optimizer/scheduler); return the common state and metadata.
+
+    ``model_state_dict_fn`` may supply a different *view* of the model's sharded state
+    dict to load through (growth loads new layers from their source layers this way).
+    """
+    ckpt, _ = resolve_load_dir(load_dir)
+    meta = json.loads((ckpt / META_NAME).read_text())
+    model_sd = model_state_dict_fn() if model_state_dict_fn else model_sharded_state_dict(model_chunks)
+    request: Dict[str, Any] = {"model": model_sd}
+    load_optim = optimizer is not None and meta.get("has_optimizer", False)
+    if load_optim:
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
+    same_layout = meta.get("parallel") == _parallel_layout()
+    if load_rng and same_layout:
+        request["rng_state"] = _rng_sharded_object()
+    strategy = None
+    if model_state_dict_fn is not None:
+        from ..growth.apply import DedupLoadStrategy
+
+        strategy = DedupLoadStrategy()
+    try:
+        loaded = dist_checkpointing.load(
+            request, str(ckpt), sharded_strategy=strategy, validate_access_integrity=strategy is None
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(
+            f"cannot load checkpoint {str(ckpt)!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        ) from None
+    unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=True)
+    if load_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+    if scheduler is not None and "opt_param_scheduler" in loaded and meta.get("has_optimizer", False):
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if "rng_state" in loaded:
+        _set_rng_state(loaded["rng_state"])
+    common = loaded.get("growloop", {}) or {}
+    return {"common": common, "metadata": meta, "dir": str(ckpt), "loaded_optimizer": load_optim}
