@@ -19,7 +19,8 @@ their own cache slots (megatron-core keys the static KV cache by
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from megatron.core.transformer.transformer_block import TransformerBlock
 
@@ -27,14 +28,35 @@ from ..errors import UsageError
 from .spec import stage_local_schedule
 
 
+@dataclass
+class ApplicationCall:
+    """What an application hook sees: one application of one layer.
+
+    ``position`` is the global effective-depth index (0-based), ``layer_index`` the
+    global unique-layer index; ``kwargs`` are the arguments the layer was called
+    with (``hidden_states`` is the application's input), ``output`` its output
+    hidden states.  Calling ``layer(**kwargs)`` again re-runs the application.
+    """
+
+    position: int
+    layer_index: int
+    layer: Any
+    kwargs: Dict[str, Any]
+    output: Any
+
+
+ApplicationHook = Callable[[ApplicationCall], Optional[Any]]
+
+
 class _Application:
     """One application of a unique layer at a given position of the schedule."""
 
-    __slots__ = ("layer", "slot")
+    __slots__ = ("layer", "slot", "block")
 
-    def __init__(self, layer, slot: int):
+    def __init__(self, layer, slot: int, block: "LoopedTransformerBlock"):
         self.layer = layer
-        self.slot = slot  # 1-based KV-cache slot, unique over the whole unrolled model
+        self.slot = slot  # 1-based: effective-depth position + 1, unique over the whole model
+        self.block = block
 
     @property
     def layer_number(self) -> int:
@@ -44,16 +66,37 @@ class _Application:
     def __getattr__(self, name):
         return getattr(self.layer, name)
 
-    def __call__(self, *args, **kwargs):
+    def _run(self, *args, **kwargs):
         if kwargs.get("inference_context") is None:
             return self.layer(*args, **kwargs)
         attn = self.layer.self_attention
         saved = attn.layer_number
-        attn.layer_number = self.slot
+        attn.layer_number = self.slot  # each application gets its own KV-cache slot
         try:
             return self.layer(*args, **kwargs)
         finally:
             attn.layer_number = saved
+
+    def __call__(self, *args, **kwargs):
+        out = self._run(*args, **kwargs)
+        hooks = self.block._application_hooks
+        if hooks:
+            hidden, context = out
+            call = ApplicationCall(self.slot - 1, self.layer.layer_number - 1, self.layer, kwargs, hidden)
+            for hook in list(hooks.values()):
+                replaced = hook(call)
+                if replaced is not None:
+                    call.output = replaced
+            out = (call.output, context)
+        return out
+
+
+class _HookHandle:
+    def __init__(self, hooks: dict, key: int):
+        self.hooks, self.key = hooks, key
+
+    def remove(self) -> None:
+        self.hooks.pop(self.key, None)
 
 
 class LoopedTransformerBlock(TransformerBlock):
@@ -72,6 +115,19 @@ class LoopedTransformerBlock(TransformerBlock):
         self._slot_offset = 0
         self._view_depth = 0
         self._view: Optional[List[_Application]] = None
+        self._application_hooks: Dict[int, ApplicationHook] = {}
+        self._next_hook = 0
+
+    def register_application_hook(self, hook: ApplicationHook) -> _HookHandle:
+        """Call ``hook(ApplicationCall)`` after every layer application (analysis tools).
+
+        A hook may return a tensor to replace the application's output hidden states.
+        Returns a handle with ``remove()``.
+        """
+        key = self._next_hook
+        self._next_hook += 1
+        self._application_hooks[key] = hook
+        return _HookHandle(self._application_hooks, key)
 
     # ------------------------------------------------------------------ schedule
     def set_global_schedule(self, schedule: Sequence[int], stage_first_layer: Optional[int] = None):
@@ -94,7 +150,7 @@ class LoopedTransformerBlock(TransformerBlock):
     def _applications(self) -> List[_Application]:
         if self._view is None:
             self._view = [
-                _Application(self.layers[idx], self._slot_offset + pos + 1)
+                _Application(self.layers[idx], self._slot_offset + pos + 1, self)
                 for pos, idx in enumerate(self.local_schedule)
             ]
         return self._view
@@ -110,7 +166,7 @@ class LoopedTransformerBlock(TransformerBlock):
         ``__dict__`` shadows it for attribute access only, so parameters, state
         dicts and hooks still see the unique layers.
         """
-        if self._is_identity() or self._view_depth:
+        if (self._is_identity() and not self._application_hooks) or self._view_depth:
             yield
             return
         apps = self._applications()
