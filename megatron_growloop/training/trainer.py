@@ -317,9 +317,6 @@ class Trainer:
                 lineage = self.state.lineage
                 self.state = TrainState(**st)
                 self.state.lineage = lineage
-        # The DistributedOptimizer copies loaded fp32 params back into the model params.
-        for m in self.model:
-            m.broadcast_params()
 
     # ------------------------------------------------------------------ data
     def build_data(self) -> None:
