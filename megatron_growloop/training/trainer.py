@@ -346,13 +346,13 @@ class Trainer:
                 dist.barrier()
                 blend = ([default_data_prefix(self.tokenizer, build=False)], None)
             self.train_ds, self.valid_ds, _ = build_gpt_datasets(
-                blend, self.tokenizer, a.seq_length, [n_train, n_valid, None], a.split, a.seed, a.data_cache_path
+                blend, self.tokenizer, a.seq_length, [n_train, n_valid, 0], a.split, a.seed, a.data_cache_path
             )
             self.cooldown_ds = None
             if a.cooldown_data_path:
                 n_cool = (a.train_iters - a.cooldown_start_iter) * a.global_batch_size
                 self.cooldown_ds, _, _ = build_gpt_datasets(
-                    parse_blend(a.cooldown_data_path), self.tokenizer, a.seq_length, [max(n_cool, 1), None, None],
+                    parse_blend(a.cooldown_data_path), self.tokenizer, a.seq_length, [max(n_cool, 1), 0, 0],
                     "100,0,0", a.seed, a.data_cache_path,
                 )
             if self.train_ds is None:
@@ -468,6 +468,7 @@ class Trainer:
             "step_time_s": dt,
             "training_flops": self.state.training_flops,
             "consumed_train_samples": self.state.consumed_train_samples,
+            "data": "cooldown" if self._in_cooldown else "main",
         }
         with open(self.args.metrics_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
