@@ -430,6 +430,15 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
     def setup(self) -> None:
         a = self.args
+        if a.load and a.save and os.path.abspath(a.load) == os.path.abspath(a.save):
+            # Megatron-LM's auto-resume idiom (--save X --load X): a run that has not saved yet
+            # starts from scratch instead of failing.
+            if not os.path.exists(os.path.join(a.load, checkpointing.TRACKER)):
+                if a.retrofit_loop or a.finetune:
+                    raise UsageError(f"--load {a.load!r} holds no checkpoint to continue from")
+                if self.is_logging_rank:
+                    print(f"no checkpoint in {a.load} yet: starting from scratch", flush=True)
+                a.load = None
         if a.load:
             self._resolve_resume()
         self.build(self.num_layers, self.loop)
@@ -469,6 +478,8 @@ class Trainer:
             "training_flops": self.state.training_flops,
             "consumed_train_samples": self.state.consumed_train_samples,
             "data": "cooldown" if self._in_cooldown else "main",
+            "tokens_per_iteration": self.args.global_batch_size * self.args.seq_length,
+            "peak_memory_bytes": peak_memory_bytes(),
         }
         with open(self.args.metrics_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
