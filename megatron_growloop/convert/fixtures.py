@@ -58,3 +58,48 @@ def smollm2_hf_dir() -> Path:
     finally:
         src.close()
     return out
+
+
+def write_random_llama(out_dir, seed: int = 0, safe_serialization: bool = True, max_shard_size=None, **config) -> Path:
+    """Save a randomly initialised ``LlamaForCausalLM`` (float32) as an HF directory.
+
+    ``config`` overrides a tiny Llama-3-style default (GQA, untied embeddings, llama3
+    RoPE scaling, head_dim != hidden/heads).  For tests and examples."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    base.update(config)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**base)).float().eval()
+    with torch.no_grad():  # larger-than-default weights so that numerical differences would show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.08)
+    out = Path(out_dir)
+    if not safe_serialization:  # transformers 5 writes safetensors only; write the legacy format by hand
+        out.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(str(out))
+        torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "pytorch_model.bin"))
+        return out
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(str(out), **kw)
+    return out

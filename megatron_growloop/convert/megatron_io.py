@@ -64,7 +64,10 @@ def load_model_tensors(ckpt_dir: str) -> Dict[str, torch.Tensor]:
     distributed-checkpoint naming (layers stacked; see :mod:`.mapping`).
 
     Independent of the TP/PP the checkpoint was saved with and of the layer spec;
-    optimizer state is not read."""
+    optimizer state is not read.  ``ckpt_dir``: a save directory or one ``iter_*`` directory."""
+    from ..training.checkpointing import resolve_load_dir
+
+    ckpt_dir = str(resolve_load_dir(ckpt_dir)[0])
     ensure_single_process()
     try:
         meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)

@@ -59,17 +59,19 @@ def reshard(
     from .hf_io import check_new_output
 
     tp, pp = int(target_tensor_parallel_size), int(target_pipeline_model_parallel_size)
+    meta = checkpointing.read_metadata(load)
+    ckpt_dir = meta["_dir"]
+    arch = meta.get("arch") or {}
+    if not arch:
+        raise UsageError(f"checkpoint {ckpt_dir!r} has no architecture record (arch) in growloop.json")
+    check_parallel_layout(arch, tp, pp)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if tp < 1 or pp < 1 or world % (tp * pp):
+    if world % (tp * pp):
         raise UsageError(
             f"reshard to TP {tp} x PP {pp} needs a world size divisible by {tp * pp} (torchrun --nproc_per_node "
             f"{tp * pp} -m megatron_growloop.convert reshard ...); this run has {world} process(es)"
         )
     out_path = check_new_output(out)
-    meta = checkpointing.read_metadata(load)
-    ckpt_dir = meta["_dir"]
-    arch = meta.get("arch") or {}
-    check_parallel_layout(arch, tp, pp)
     iteration = int(meta.get("iteration", 0))
     argv = [
         "--use-checkpoint-args", "--load", ckpt_dir, "--no-load-rng",

@@ -82,11 +82,14 @@ def pipeline_greedy(model, prompt: torch.Tensor, new_tokens: int, vocab_size: in
 
 @torch.no_grad()
 def hf_greedy(hf_model, prompt: torch.Tensor, new_tokens: int, vocab_size: int) -> torch.Tensor:
-    """Plain greedy loop over ``transformers`` logits (no generation-config side effects)."""
-    out = prompt
+    """Plain KV-cached greedy loop over ``transformers`` logits (no generation-config side effects)."""
+    out, x, past = prompt, prompt, None
     for _ in range(new_tokens):
-        nxt = hf_model(out).logits[:, -1, :vocab_size].argmax(dim=-1)
+        res = hf_model(x, past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        nxt = res.logits[:, -1, :vocab_size].argmax(dim=-1)
         out = torch.cat([out, nxt[:, None]], dim=1)
+        x = nxt[:, None]
     return out
 
 
