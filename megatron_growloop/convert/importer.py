@@ -39,30 +39,6 @@ def _check_loop_copies(src, plan: Dict[str, Any]) -> None:
                     )
 
 
-# Per-layer objects a Transformer Engine model requests on load that a local-spec model does not
-# write (TE's attention keeps FP8 metadata there; None means "nothing recorded", like the local
-# linears' extra state).  Writing them lets the checkpoint load into either spec.
-TE_ONLY_EXTRA_STATE = ("self_attention.core_attention._extra_state",)
-
-
-class _WithTEExtraState:
-    """The model's sharded state dict plus :data:`TE_ONLY_EXTRA_STATE` objects."""
-
-    def __init__(self, model, num_layers: int):
-        self.model, self.num_layers = model, num_layers
-
-    def sharded_state_dict(self):
-        from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
-
-        sd = self.model.sharded_state_dict()
-        for i in range(self.num_layers):
-            for name in TE_ONLY_EXTRA_STATE:
-                sd[f"{mapping.LAYER_PREFIX}{i}.{name}"] = make_sharded_object_for_checkpoint(
-                    None, mapping.LAYER_PREFIX + name, [(0, i, self.num_layers)]
-                )
-        return sd
-
-
 def _copy_into(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
     if tuple(param.shape) != tuple(value.shape):
         raise UsageError(f"internal mapping error: {name} expects {tuple(param.shape)}, got {tuple(value.shape)}")
@@ -156,7 +132,7 @@ def hf_to_mcore(
                 meta["tokenizer"].update(type="HuggingFaceTokenizer", model=str(final_iter / TOKENIZER_SUBDIR))
             for name, path in src.extra_files.items():
                 meta["hf"][name.replace(".json", "")] = json.loads(path.read_text())
-            checkpointing.save_checkpoint(str(tmp), ITERATION, [_WithTEExtraState(model, arch["num_layers"])], metadata=meta)
+            checkpointing.save_checkpoint(str(tmp), ITERATION, [model], metadata=meta)
             if tok_stage.exists():
                 tok_stage.rename(tok_tmp)
         del model, params
