@@ -34,7 +34,7 @@ from ..errors import UsageError
 from ..training import checkpointing
 from . import flops as growth_flops
 from .operators import Lineage, compose, grow_lineage, initial_lineage
-from .source_view import DedupLoadStrategy, source_view_sharded_state_dict
+from .source_view import DedupLoadStrategy, SyncSaveStrategy, source_view_sharded_state_dict
 
 __all__ = ["DedupLoadStrategy", "check_resume_depth", "maybe_grow", "grow", "flops_report", "scratch_base"]
 
@@ -124,8 +124,8 @@ def _release(trainer) -> None:
                 setattr(cfg, name, None)
     trainer.model = []
     trainer.optimizer = None
-    gc.collect()
-    if platform.has_cuda():
+    if platform.has_cuda():  # give the old model's device memory back before building the new one
+        gc.collect()
         torch.cuda.empty_cache()
 
 
@@ -148,7 +148,7 @@ def grow(trainer, steps: List[int]) -> Dict[str, float]:
         "model": model_sd,
         "optimizer": trainer.optimizer.sharded_state_dict(model_sd, metadata=checkpointing.OPTIM_METADATA),
     }
-    dist_checkpointing.save(state, scratch, validate_access_integrity=False)
+    dist_checkpointing.save(state, scratch, sharded_strategy=SyncSaveStrategy(), validate_access_integrity=False)
     del state, model_sd
     t_saved = time.perf_counter()
 

@@ -1,0 +1,57 @@
+"""The growth step inside a (one-process) training job: state is copied by the source map.
+
+Multi-process layouts (TP=2, PP=2, DP=2 with the distributed optimizer) are covered by
+``test_growth_parallel.py``; this file runs in-process and fast.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from growth_checks import compare_grown, dump_dir
+
+
+def _train(tmp_path, monkeypatch, extra):
+    from megatron_growloop.growth.apply import DUMP_ENV
+    from megatron_growloop.training.arguments import parse_args
+    from megatron_growloop.training.trainer import Trainer
+
+    monkeypatch.setenv(DUMP_ENV, str(tmp_path / "dump"))
+    argv = ["--tokenizer-type", "ByteTokenizer", "--mock-data", "--vocab-size", "256",
+            "--train-iters", "5", "--log-interval", "1", "--save", str(tmp_path / "ck"), "--save-interval", "2",
+            "--metrics-file", str(tmp_path / "m.jsonl"), "--grow-final-layers", "8", "--grow-iters", "6",
+            *extra]
+    trainer = Trainer(parse_args(argv, world_size=1))
+    trainer.setup()
+    return trainer, trainer.train()
+
+
+@pytest.mark.parametrize("distopt", [False, True], ids=["adam", "distopt"])
+def test_new_layers_equal_their_sources(dist_1rank, tmp_path, monkeypatch, capsys, distopt):
+    """Invariant: after growth (4 -> 8, LIDAS) every new layer's weights and Adam moments (and
+    the distributed optimizer's fp32 main params) equal those of its source layer bitwise,
+    embeddings/norm/head and the Adam step are unchanged, and training continues with finite
+    loss at the new depth."""
+    from conftest import read_metrics
+
+    extra = ["--grow-method", "lidas"] + (["--use-distributed-optimizer"] if distopt else [])
+    trainer, summary = _train(tmp_path, monkeypatch, extra)
+    # PROP-1 over 6 iterations with 2 stages: budgets 2, 4 -> grows after iteration 2
+    assert trainer.growth_plan.growth_iterations == [2]
+    counts = compare_grown(str(tmp_path / "ck" / "iter_0000002"), dump_dir(str(tmp_path / "dump"), 1))
+    assert counts["weight"] == 6 * 8  # six layer tensors x eight layers
+    assert counts["exp_avg"] == counts["exp_avg_sq"] == 6 * 8
+    if distopt:
+        assert counts["param"] == 6 * 8
+    rows = read_metrics(tmp_path / "m.jsonl")
+    assert [r["num_layers"] for r in rows] == [4, 4, 8, 8, 8]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert trainer.state.lineage == [
+        {"root": r, "born": b} for r, b in zip([0, 1, 0, 1, 2, 3, 2, 3], [0, 0, 1, 1, 1, 1, 0, 0])
+    ]
+    out = capsys.readouterr().out
+    assert "grows after iterations [2]" in out
+    assert "growth step 1/1 (lidas) before iteration 3: 4 -> 8 layers" in out
+    assert summary["growth_flops"]["final_depth"] == 8
