@@ -33,6 +33,7 @@ from ..accounting import ArchShape
 from ..errors import UsageError
 from ..training import checkpointing
 from . import flops as growth_flops
+from .optimizer_state import ensure_optimizer_state, load_optimizer_state
 from .operators import Lineage, compose, grow_lineage, initial_lineage
 from .source_view import DedupLoadStrategy, SyncSaveStrategy, source_view_sharded_state_dict
 
@@ -160,7 +161,7 @@ def grow(trainer, steps: List[int]) -> Dict[str, float]:
     # 3. load every new layer from its source layer
     model = trainer.unwrapped
     view = source_view_sharded_state_dict(model, src, old_depth)
-    checkpointing.ensure_optimizer_state(trainer.optimizer)
+    ensure_optimizer_state(trainer.optimizer)
     request = {
         "model": view,
         "optimizer": trainer.optimizer.sharded_state_dict(view, is_loading=True, metadata=checkpointing.OPTIM_METADATA),
@@ -168,7 +169,7 @@ def grow(trainer, steps: List[int]) -> Dict[str, float]:
     loaded = dist_checkpointing.load(request, scratch, sharded_strategy=DedupLoadStrategy(),
                                      validate_access_integrity=False)
     model.load_state_dict(loaded["model"], strict=True)
-    checkpointing.load_optimizer_state(trainer.optimizer, loaded["optimizer"])
+    load_optimizer_state(trainer.optimizer, loaded["optimizer"])
     del loaded, request, view
     for m in trainer.model:
         m.broadcast_params()
