@@ -55,6 +55,7 @@ def test_growth_tp2_pp2_distopt_layers_cross_stages(dist_1rank, tmp_path, monkey
     assert "grows after iterations [2, 6]" in out
     assert "growth step 1/2 (midas) before iteration 3: 4 -> 8 layers; pipeline stages hold [4, 4] layers" in out
     assert "growth step 2/2 (midas) before iteration 7: 8 -> 12 layers; pipeline stages hold [6, 6] layers" in out
+    assert out.count("(checkpoint transfer:") == 2  # MIDAS moves layers across stages
     assert "growth FLOPs: training FLOPs" in out
 
     for step, it in ((1, 2), (2, 6)):
@@ -79,7 +80,8 @@ def test_growth_tp2_pp2_distopt_layers_cross_stages(dist_1rank, tmp_path, monkey
 @pytest.mark.slow
 def test_resume_across_growth_equals_uninterrupted(dist_1rank, tmp_path, monkeypatch):
     """Invariants (DP=2, distributed optimizer, LIDAS 4 -> 8 -> 12): (a) after growth every new
-    layer's weights, fp32 main params and Adam moments equal its source's bitwise; (b) a job
+    layer's weights, fp32 main params and Adam moments equal its source's bitwise; (b) growing
+    through a scratch checkpoint and growing in memory give identical training; a job
     stopped at the growth iteration (checkpoint taken *before* growth) grows at the right
     iteration when resumed, and a job stopped *after* a growth step resumes at the grown depth;
     the per-iteration losses of the stitched runs equal the uninterrupted run's; (c) resuming
@@ -88,8 +90,10 @@ def test_resume_across_growth_equals_uninterrupted(dist_1rank, tmp_path, monkeyp
 
     base = [*COMMON, "--grow-method", "lidas", "--use-distributed-optimizer"]
     monkeypatch.setenv(DUMP_ENV, str(tmp_path / "dump"))
-    pretrain([*base, "--save", tmp_path / "u", "--save-interval", "2", "--metrics-file", tmp_path / "u.jsonl"],
-             nproc=2)
+    # the uninterrupted run goes through scratch checkpoints, the resumed ones grow in memory
+    pu = pretrain([*base, "--grow-transfer", "checkpoint", "--save", tmp_path / "u", "--save-interval", "2",
+                   "--metrics-file", tmp_path / "u.jsonl"], nproc=2)
+    assert pu.stdout.count("(checkpoint transfer:") == 2
     for step, it in ((1, 2), (2, 6)):
         counts = compare_grown(str(tmp_path / "u" / f"iter_{it:07d}"), dump_dir(str(tmp_path / "dump"), step))
         assert counts["param"] == counts["exp_avg"] == 6 * (4 + 4 * step)
@@ -103,6 +107,7 @@ def test_resume_across_growth_equals_uninterrupted(dist_1rank, tmp_path, monkeyp
     assert json.loads((ck / "iter_0000004" / "growloop.json").read_text())["arch"]["num_layers"] == 8
     p3 = pretrain([*base, "--load", ck, "--save", ck, "--metrics-file", tmp_path / "r3.jsonl"], nproc=2)
     assert "growth step 2/2 (lidas) before iteration 7: 8 -> 12 layers" in p3.stdout
+    assert "(memory transfer:" in p3.stdout
 
     u = read_metrics(tmp_path / "u.jsonl")
     r = read_metrics(tmp_path / "r1.jsonl") + read_metrics(tmp_path / "r2.jsonl") + read_metrics(tmp_path / "r3.jsonl")

@@ -28,15 +28,17 @@ def _train(tmp_path, monkeypatch, extra):
     return trainer, trainer.train()
 
 
+@pytest.mark.parametrize("transfer", ["memory", "checkpoint"])
 @pytest.mark.parametrize("distopt", [False, True], ids=["adam", "distopt"])
-def test_new_layers_equal_their_sources(dist_1rank, tmp_path, monkeypatch, capsys, distopt):
-    """Invariant: after growth (4 -> 8, LIDAS) every new layer's weights and Adam moments (and
-    the distributed optimizer's fp32 main params) equal those of its source layer bitwise,
-    embeddings/norm/head and the Adam step are unchanged, and training continues with finite
-    loss at the new depth."""
+def test_new_layers_equal_their_sources(dist_1rank, tmp_path, monkeypatch, capsys, distopt, transfer):
+    """Invariant: after growth (4 -> 8, LIDAS), with either transfer of the state, every new
+    layer's weights and Adam moments (and the distributed optimizer's fp32 main params) equal
+    those of its source layer bitwise, embeddings/norm/head and the Adam step are unchanged,
+    and training continues with finite loss at the new depth."""
     from conftest import read_metrics
 
-    extra = ["--grow-method", "lidas"] + (["--use-distributed-optimizer"] if distopt else [])
+    extra = ["--grow-method", "lidas", "--grow-transfer", transfer]
+    extra += ["--use-distributed-optimizer"] if distopt else []
     trainer, summary = _train(tmp_path, monkeypatch, extra)
     # PROP-1 over 6 iterations with 2 stages: budgets 2, 4 -> grows after iteration 2
     assert trainer.growth_plan.growth_iterations == [2]
@@ -54,4 +56,23 @@ def test_new_layers_equal_their_sources(dist_1rank, tmp_path, monkeypatch, capsy
     out = capsys.readouterr().out
     assert "grows after iterations [2]" in out
     assert "growth step 1/1 (lidas) before iteration 3: 4 -> 8 layers" in out
+    assert f"({transfer} transfer:" in out and trainer.last_growth["transfer"] == transfer
     assert summary["growth_flops"]["final_depth"] == 8
+
+
+def test_which_growth_steps_move_layers_between_pipeline_stages():
+    """Invariant: the in-memory transfer is chosen only when every stage's new layers come from
+    layers it already holds: with PP=2, LIDAS never moves a layer to the other stage, MIDAS
+    4 -> 8 does (the copy of layers 0, 1 lands on stage 1)."""
+    from megatron_growloop.growth.operators import lidas, midas
+    from megatron_growloop.growth.transfer import old_layers_needed
+
+    def moves(src, old_sizes, new_sizes):
+        held = [set(range(sum(old_sizes[:r]), sum(old_sizes[:r + 1]))) for r in range(len(old_sizes))]
+        return any(not old_layers_needed(src, new_sizes, r) <= held[r] for r in range(len(new_sizes)))
+
+    for depth in range(4, 32, 4):
+        half, nhalf = [depth // 2] * 2, [(depth + 4) // 2] * 2
+        assert not moves(lidas(depth, 4), half, nhalf)
+    assert moves(midas(4, 4), [2, 2], [4, 4])
+    assert old_layers_needed(midas(4, 4), [4, 4], 1) == {0, 1, 2, 3}

@@ -1,9 +1,11 @@
 """The growth step inside a running (torchrun) training job.
 
-Checkpoint-mediated, so it is correct for every TP/PP/DP layout and both optimizers:
+Mediated by the model-space (``fully_reshardable``) state, so it is correct for every
+TP/PP/DP layout and both optimizers:
 
-1. save model + optimizer (model-space ``fully_reshardable`` format) to a scratch directory
-   on fast local storage (``/dev/shm`` when all ranks share one node);
+1. take model + optimizer state in model space and keep it -- in memory when no layer
+   changes pipeline stage, else in a torch_dist checkpoint in a scratch directory on fast
+   local storage (``/dev/shm`` when all ranks share one node); see :mod:`.transfer`;
 2. drop the model, DDP and optimizer; ``Trainer.build(new_depth)`` builds config, model (new
    balanced pipeline layout: layers move between stages), DDP and optimizer, and re-points
    the kept LR scheduler;
@@ -19,23 +21,22 @@ from __future__ import annotations
 
 import gc
 import os
-import shutil
 import tempfile
 import time
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
-from megatron.core import dist_checkpointing
 
 from .. import platform
 from ..accounting import ArchShape
 from ..errors import UsageError
+from ..model.config import stage_sizes_for
 from ..training import checkpointing
 from . import flops as growth_flops
-from .optimizer_state import ensure_optimizer_state, load_optimizer_state
 from .operators import Lineage, compose, grow_lineage, initial_lineage
-from .source_view import DedupLoadStrategy, SyncSaveStrategy, source_view_sharded_state_dict
+from .optimizer_state import ensure_optimizer_state, load_optimizer_state
+from .source_view import DedupLoadStrategy, source_view_sharded_state_dict
+from .transfer import CheckpointTransfer, MemoryTransfer, memory_transfer_possible
 
 __all__ = ["DedupLoadStrategy", "check_resume_depth", "maybe_grow", "grow", "flops_report", "scratch_base"]
 
@@ -92,7 +93,7 @@ def maybe_grow(trainer) -> bool:
 
 
 def scratch_base(args) -> str:
-    """Where growth writes its temporary checkpoint (must be visible to every rank)."""
+    """Where a checkpoint-mediated growth step writes its temporary checkpoint (visible to all ranks)."""
     if getattr(args, "grow_scratch_dir", None):
         return args.grow_scratch_dir
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -102,16 +103,6 @@ def scratch_base(args) -> str:
     if getattr(args, "save", None):
         return os.path.join(args.save, "growth_scratch")
     return tempfile.gettempdir()
-
-
-def _make_scratch(args, iteration: int) -> str:
-    path = [None]
-    if dist.get_rank() == 0:
-        base = scratch_base(args)
-        os.makedirs(base, exist_ok=True)
-        path[0] = tempfile.mkdtemp(prefix=f"growloop_grow_it{iteration}_", dir=base)
-    dist.broadcast_object_list(path, src=0)
-    return path[0]
 
 
 def _release(trainer) -> None:
@@ -130,9 +121,25 @@ def _release(trainer) -> None:
         torch.cuda.empty_cache()
 
 
+def _choose_transfer(trainer, src: List[int], new_depth: int):
+    mode = getattr(trainer.args, "grow_transfer", None) or "auto"
+    if mode == "checkpoint":
+        return CheckpointTransfer(scratch_base(trainer.args), f"it{trainer.state.iteration}")
+    old_layers = [layer.layer_number - 1 for layer in trainer.unwrapped.decoder.layers]
+    possible = memory_transfer_possible(src, old_layers, stage_sizes_for(trainer.args, new_depth, None))
+    if possible:
+        return MemoryTransfer()
+    if mode == "memory":
+        raise UsageError(
+            "--grow-transfer memory: layers would move to another pipeline stage at this growth step; "
+            "use --grow-transfer auto or checkpoint"
+        )
+    return CheckpointTransfer(scratch_base(trainer.args), f"it{trainer.state.iteration}")
+
+
 def grow(trainer, steps: List[int]) -> Dict[str, float]:
     """Apply growth steps ``steps`` (0-based, consecutive) to the live trainer in one rebuild."""
-    plan, args, st = trainer.growth_plan, trainer.args, trainer.state
+    plan, st = trainer.growth_plan, trainer.state
     t_start = time.perf_counter()
     old_depth = trainer.num_layers
     src = compose(plan.maps[steps[0]: steps[-1] + 1])
@@ -142,14 +149,14 @@ def grow(trainer, steps: List[int]) -> Dict[str, float]:
         lineage = grow_lineage(lineage, plan.method, plan.block_size, s + 1)
     rng = checkpointing._rng_state()
 
-    # 1. save the current state (model + optimizer, model space) to scratch
-    scratch = _make_scratch(args, st.iteration)
+    # 1. the current state in model space (weights + fp32 params + Adam moments + step)
+    transfer = _choose_transfer(trainer, src, new_depth)
     model_sd = checkpointing.model_sharded_state_dict(trainer.model)
     state = {
         "model": model_sd,
         "optimizer": trainer.optimizer.sharded_state_dict(model_sd, metadata=checkpointing.OPTIM_METADATA),
     }
-    dist_checkpointing.save(state, scratch, sharded_strategy=SyncSaveStrategy(), validate_access_integrity=False)
+    transfer.save(state)
     del state, model_sd
     t_saved = time.perf_counter()
 
@@ -166,50 +173,43 @@ def grow(trainer, steps: List[int]) -> Dict[str, float]:
         "model": view,
         "optimizer": trainer.optimizer.sharded_state_dict(view, is_loading=True, metadata=checkpointing.OPTIM_METADATA),
     }
-    loaded = dist_checkpointing.load(request, scratch, sharded_strategy=DedupLoadStrategy(),
-                                     validate_access_integrity=False)
+    loaded = transfer.load(request)
     model.load_state_dict(loaded["model"], strict=True)
     load_optimizer_state(trainer.optimizer, loaded["optimizer"])
     del loaded, request, view
+    transfer.cleanup()
     for m in trainer.model:
         m.broadcast_params()
     trainer.scheduler.step(0)  # lr/wd of the schedule position into the new param groups
     checkpointing._set_rng_state(rng)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(scratch, ignore_errors=True)
     t_loaded = time.perf_counter()
 
     st.growth_steps_done = steps[-1] + 1
     st.lineage = [l.to_dict() for l in lineage]
     times = {"save_s": t_saved - t_start, "rebuild_s": t_built - t_saved, "load_s": t_loaded - t_built,
              "total_s": t_loaded - t_start}
-    trainer.last_growth = {"steps": list(steps), "old_depth": old_depth, "new_depth": new_depth, "src": src, **times}
-    _log_event(trainer, steps, old_depth, new_depth, src, times)
+    trainer.last_growth = {"steps": list(steps), "old_depth": old_depth, "new_depth": new_depth, "src": src,
+                           "transfer": transfer.name, **times}
+    _log_event(trainer, steps, old_depth, new_depth, src, times, transfer.name)
     dump = os.environ.get(DUMP_ENV)
     if dump:
         checkpointing.save_checkpoint(os.path.join(dump, f"step_{steps[-1] + 1}"), st.iteration, trainer.model,
                                       trainer.optimizer, trainer.scheduler, common={"state": st.to_dict()},
-                                      metadata={**trainer.checkpoint_metadata(), "growth_src": src})
+                                      metadata={**trainer.checkpoint_metadata(), "growth_src": src,
+                                                "growth_transfer": transfer.name})
     return times
 
 
-def _stage_sizes(trainer) -> Optional[List[int]]:
-    from ..model.config import stage_sizes_for
-
-    return stage_sizes_for(trainer.args, trainer.num_layers, trainer.loop)
-
-
-def _log_event(trainer, steps, old_depth, new_depth, src, times) -> None:
+def _log_event(trainer, steps, old_depth, new_depth, src, times, transfer) -> None:
     plan, it = trainer.growth_plan, trainer.state.iteration
     logger = getattr(trainer, "logger", None)
     rep = flops_report(trainer)
-    sizes = _stage_sizes(trainer)
+    sizes = stage_sizes_for(trainer.args, trainer.num_layers, trainer.loop)
     layout = f"; pipeline stages hold {sizes} layers" if sizes else ""
     text = (
         f"growth step {steps[-1] + 1}/{len(plan.maps)} ({plan.method}) before iteration {it + 1}: "
         f"{old_depth} -> {new_depth} layers{layout}; new layer i copies old layer {src}; "
-        f"took {times['total_s']:.3f} s (save {times['save_s']:.3f}, rebuild {times['rebuild_s']:.3f}, "
+        f"took {times['total_s']:.3f} s ({transfer} transfer: save {times['save_s']:.3f}, rebuild {times['rebuild_s']:.3f}, "
         f"load {times['load_s']:.3f}); so far {rep['text']}"
     )
     if logger is not None:

@@ -62,11 +62,14 @@ def report(shape: ArchShape, seq_len: int, tokens: int, training_flops: float, f
     layer_part_base = baseline - head
     layer_part = training_flops - head
     depth_ratio = layer_part / layer_part_base if layer_part_base else float("nan")
-    text = (
-        f"training FLOPs {training_flops:.4g} over {tokens:,} tokens = {ratio:.4f} x a model trained at the "
-        f"final depth {final_depth} on the same tokens ({baseline:.4g}; saving {100 * (1 - ratio):.1f}%); "
-        f"depth-proportional part (layers) {depth_ratio:.4f} x"
-    )
+    if not tokens:
+        text = "no tokens trained yet"
+    else:
+        text = (
+            f"training FLOPs {training_flops:.4g} over {tokens:,} tokens = {ratio:.4f} x a model trained at the "
+            f"final depth {final_depth} on the same tokens ({baseline:.4g}; saving {100 * (1 - ratio):.1f}%); "
+            f"depth-proportional part (layers) {depth_ratio:.4f} x"
+        )
     out = {
         "training_flops": training_flops,
         "baseline_flops": baseline,

@@ -64,7 +64,8 @@ def source_view_sharded_state_dict(model, src: Sequence[int], old_num_layers: in
     return sd
 
 
-def _identity(x) -> Tuple:
+def shard_identity(x) -> Tuple:
+    """What makes two shard requests the same: key, offsets, shapes, flattened range."""
     if isinstance(x, ShardedTensor):
         fr = x.flattened_range
         fr = None if fr is None else (fr.start, fr.stop)
@@ -86,7 +87,7 @@ class DedupLoadStrategy(TorchDistLoadShardedStrategy):
         flat: Dict[str, Any] = {}
         index: Dict[int, str] = {}
         for x in nested_values(sharded_state_dict):
-            ident = _identity(x)
+            ident = shard_identity(x)
             name = uniq.get(ident)
             if name is None:
                 name = f"u{len(flat)}"
