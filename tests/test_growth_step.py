@@ -76,3 +76,45 @@ def test_which_growth_steps_move_layers_between_pipeline_stages():
         assert not moves(lidas(depth, 4), half, nhalf)
     assert moves(midas(4, 4), [2, 2], [4, 4])
     assert old_layers_needed(midas(4, 4), [4, 4], 1) == {0, 1, 2, 3}
+
+
+def _fake_trainer(depth, iteration, saved_growth=None, lineage_len=None, finetune=False):
+    from types import SimpleNamespace
+
+    from megatron_growloop.growth.schedule import GrowthPlan
+
+    plan = GrowthPlan.build("lidas", 4, 4, 12, 12, 1.0)  # grows after iterations 2 and 6
+    n = depth if lineage_len is None else lineage_len
+    return SimpleNamespace(
+        growth_plan=plan, num_layers=depth,
+        state=SimpleNamespace(iteration=iteration, growth_steps_done=0,
+                              lineage=[{"root": i % 4, "born": 0} for i in range(n)]),
+        args=SimpleNamespace(finetune=finetune, load="CK"),
+        _load_meta={"growth": saved_growth} if saved_growth else None,
+    )
+
+
+def test_resume_depth_checks():
+    """Invariant: a resumed depth must be one the plan passes through and not ahead of the plan;
+    a checkpoint grown with other growth flags is refused; a consistent one sets the number of
+    growth steps done (the rest happen at their iterations)."""
+    from megatron_growloop.errors import UsageError
+    from megatron_growloop.growth.apply import check_resume_depth
+
+    saved = {"method": "lidas", "block_size": 4, "start_depth": 4, "final_depth": 12, "growth_iterations": [2, 6]}
+    t = _fake_trainer(8, 4, saved)
+    check_resume_depth(t)
+    assert t.state.growth_steps_done == 1
+    t = _fake_trainer(4, 2, saved)  # taken at the growth iteration, before growing
+    check_resume_depth(t)
+    assert t.state.growth_steps_done == 0
+    for trainer, msg in [
+        (_fake_trainer(10, 4, saved), "never has"),
+        (_fake_trainer(12, 4, saved), "reaches only 8 by then"),
+        (_fake_trainer(8, 4, {**saved, "method": "midas"}), "was grown with method=midas"),
+        (_fake_trainer(8, 4, {**saved, "growth_iterations": [3, 6]}), "growth_iterations=[3, 6]"),
+        (_fake_trainer(8, 4, saved, lineage_len=4), "lineage metadata lists 4"),
+    ]:
+        with pytest.raises(UsageError) as e:
+            check_resume_depth(trainer)
+        assert msg in str(e.value) and "\n" not in str(e.value)

@@ -151,32 +151,37 @@ def grow(trainer, steps: List[int]) -> Dict[str, float]:
 
     # 1. the current state in model space (weights + fp32 params + Adam moments + step)
     transfer = _choose_transfer(trainer, src, new_depth)
-    model_sd = checkpointing.model_sharded_state_dict(trainer.model)
-    state = {
-        "model": model_sd,
-        "optimizer": trainer.optimizer.sharded_state_dict(model_sd, metadata=checkpointing.OPTIM_METADATA),
-    }
-    transfer.save(state)
-    del state, model_sd
-    t_saved = time.perf_counter()
+    try:
+        model_sd = checkpointing.model_sharded_state_dict(trainer.model)
+        state = {
+            "model": model_sd,
+            "optimizer": trainer.optimizer.sharded_state_dict(model_sd, metadata=checkpointing.OPTIM_METADATA),
+        }
+        transfer.save(state)
+        del state, model_sd
+        t_saved = time.perf_counter()
 
-    # 2. rebuild at the new depth (new pipeline layout), keeping the scheduler
-    _release(trainer)
-    trainer.build(new_depth, None)
-    t_built = time.perf_counter()
+        # 2. rebuild at the new depth (new pipeline layout), keeping the scheduler
+        _release(trainer)
+        trainer.build(new_depth, None)
+        t_built = time.perf_counter()
 
-    # 3. load every new layer from its source layer
-    model = trainer.unwrapped
-    view = source_view_sharded_state_dict(model, src, old_depth)
-    ensure_optimizer_state(trainer.optimizer)
-    request = {
-        "model": view,
-        "optimizer": trainer.optimizer.sharded_state_dict(view, is_loading=True, metadata=checkpointing.OPTIM_METADATA),
-    }
-    loaded = transfer.load(request)
-    model.load_state_dict(loaded["model"], strict=True)
-    load_optimizer_state(trainer.optimizer, loaded["optimizer"])
-    del loaded, request, view
+        # 3. load every new layer from its source layer
+        model = trainer.unwrapped
+        view = source_view_sharded_state_dict(model, src, old_depth)
+        ensure_optimizer_state(trainer.optimizer)
+        request = {
+            "model": view,
+            "optimizer": trainer.optimizer.sharded_state_dict(view, is_loading=True,
+                                                              metadata=checkpointing.OPTIM_METADATA),
+        }
+        loaded = transfer.load(request)
+        model.load_state_dict(loaded["model"], strict=True)
+        load_optimizer_state(trainer.optimizer, loaded["optimizer"])
+        del loaded, request, view
+    except BaseException:
+        transfer.cleanup(collective=False)
+        raise
     transfer.cleanup()
     for m in trainer.model:
         m.broadcast_params()

@@ -74,7 +74,7 @@ class MemoryTransfer:
         merge(result, loaded)
         return apply_factory_merges(result, factories)
 
-    def cleanup(self) -> None:
+    def cleanup(self, collective: bool = True) -> None:
         self._index.clear()
         self._common = {}
 
@@ -97,8 +97,9 @@ class CheckpointTransfer:
         return dist_checkpointing.load(request, self.path, sharded_strategy=DedupLoadStrategy(),
                                        validate_access_integrity=False)
 
-    def cleanup(self) -> None:
-        dist.barrier()
+    def cleanup(self, collective: bool = True) -> None:
+        if collective:
+            dist.barrier()  # every rank has finished reading
         if dist.get_rank() == 0:
             shutil.rmtree(self.path, ignore_errors=True)
 
