@@ -28,17 +28,19 @@ def _train(tmp_path, monkeypatch, extra):
     return trainer, trainer.train()
 
 
-@pytest.mark.parametrize("transfer", ["memory", "checkpoint"])
-@pytest.mark.parametrize("distopt", [False, True], ids=["adam", "distopt"])
-def test_new_layers_equal_their_sources(dist_1rank, tmp_path, monkeypatch, capsys, distopt, transfer):
+@pytest.mark.parametrize("optim,transfer", [("adam", "memory"), ("adam", "checkpoint"), ("distopt", "memory"),
+                                            ("distopt", "checkpoint"), ("bf16-distopt", "memory")])
+def test_new_layers_equal_their_sources(dist_1rank, tmp_path, monkeypatch, capsys, optim, transfer):
     """Invariant: after growth (4 -> 8, LIDAS), with either transfer of the state, every new
-    layer's weights and Adam moments (and the distributed optimizer's fp32 main params) equal
-    those of its source layer bitwise, embeddings/norm/head and the Adam step are unchanged,
-    and training continues with finite loss at the new depth."""
+    layer's weights and Adam moments (and the distributed optimizer's fp32 main params, also
+    under bf16) equal those of its source layer bitwise, embeddings/norm/head and the Adam
+    step are unchanged, and training continues with finite loss at the new depth."""
     from conftest import read_metrics
 
+    distopt = "distopt" in optim
     extra = ["--grow-method", "lidas", "--grow-transfer", transfer]
     extra += ["--use-distributed-optimizer"] if distopt else []
+    extra += ["--bf16"] if optim.startswith("bf16") else []
     trainer, summary = _train(tmp_path, monkeypatch, extra)
     # PROP-1 over 6 iterations with 2 stages: budgets 2, 4 -> grows after iteration 2
     assert trainer.growth_plan.growth_iterations == [2]
