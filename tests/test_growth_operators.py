@@ -9,7 +9,7 @@ import pytest
 
 from megatron_growloop.errors import UsageError
 from megatron_growloop.growth import operators as ops
-from megatron_growloop.growth.lineage import block_table, middle_blocks
+from megatron_growloop.growth.lineage import block_table, format_table, middle_blocks
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "growth.md"
 
@@ -79,8 +79,10 @@ def test_middle_blocks_and_block_table():
     choices), and the block table reports each block's roots and birth steps."""
     assert middle_blocks(24, 4)[:2] == [8, 12]
     assert middle_blocks(32, 4)[:2] == [12, 16]
-    rows = block_table([l.to_dict() for l in _grown("lidas", 24)], 4)
+    lineage = [l.to_dict() for l in _grown("lidas", 24)]
+    rows = block_table(lineage, 4)
     assert rows[2] == {"start": 8, "end": 12, "roots": [0, 1, 0, 1], "born": [4, 4, 5, 5]}
+    assert "--retrofit-loop 8:12:2, --retrofit-loop 12:16:2" in format_table(lineage, 4)
 
 
 @pytest.mark.parametrize("call,msg", [

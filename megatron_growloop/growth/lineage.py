@@ -63,6 +63,10 @@ def format_table(lineage: Sequence[Dict[str, int]], block: int, repeats: int = 2
 
 def main(argv: Optional[List[str]] = None) -> None:
     import argparse
+    import os
+    import warnings
+
+    warnings.filterwarnings("ignore")
 
     with cli_errors("megatron_growloop.growth.lineage"):
         p = argparse.ArgumentParser(prog="megatron_growloop.growth.lineage",
@@ -71,6 +75,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         p.add_argument("--block-size", type=int, default=None, help="default: the growth block size, else 4")
         p.add_argument("--repeats", type=int, default=2, help="R of the suggested --retrofit-loop")
         a = p.parse_args(argv)
+        if not os.path.exists(a.checkpoint):
+            raise UsageError(f"checkpoint {a.checkpoint!r} does not exist")
         from ..training.checkpointing import read_metadata
 
         meta = read_metadata(a.checkpoint)
