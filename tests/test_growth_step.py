@@ -120,3 +120,22 @@ def test_resume_depth_checks():
         with pytest.raises(UsageError) as e:
             check_resume_depth(trainer)
         assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_scratch_directory_choice(monkeypatch, tmp_path):
+    """Invariant: the checkpoint transfer writes where all ranks can read: an explicit
+    --grow-scratch-dir, else /dev/shm on one node if it has room, else under --save."""
+    import os
+    from types import SimpleNamespace
+
+    from megatron_growloop.growth.apply import scratch_base
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    args = SimpleNamespace(grow_scratch_dir=None, save=str(tmp_path))
+    assert scratch_base(SimpleNamespace(grow_scratch_dir="/x", save=None)) == "/x"
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        assert scratch_base(args, needed_bytes=1) == "/dev/shm"
+    assert scratch_base(args, needed_bytes=1 << 60) == str(tmp_path / "growth_scratch")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # several nodes: shared storage
+    assert scratch_base(args) == str(tmp_path / "growth_scratch")

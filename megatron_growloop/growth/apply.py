@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import tempfile
 import time
 from typing import Dict, List, Optional
@@ -92,14 +93,19 @@ def maybe_grow(trainer) -> bool:
     return True
 
 
-def scratch_base(args) -> str:
-    """Where a checkpoint-mediated growth step writes its temporary checkpoint (visible to all ranks)."""
+def scratch_base(args, needed_bytes: int = 0) -> str:
+    """Where a checkpoint-mediated growth step writes its temporary checkpoint (visible to all ranks).
+
+    ``/dev/shm`` (RAM-backed) when all ranks share one node and it has room for ``needed_bytes``
+    with a margin (containers often mount a small one), else ``<save>/growth_scratch``.
+    """
     if getattr(args, "grow_scratch_dir", None):
         return args.grow_scratch_dir
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if local == world and os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        return "/dev/shm"  # one node: a RAM-backed file system is visible to all ranks
+        if shutil.disk_usage("/dev/shm").free > 1.5 * needed_bytes:
+            return "/dev/shm"  # one node: a RAM-backed file system is visible to all ranks
     if getattr(args, "save", None):
         return os.path.join(args.save, "growth_scratch")
     return tempfile.gettempdir()
@@ -121,10 +127,21 @@ def _release(trainer) -> None:
         torch.cuda.empty_cache()
 
 
+def _checkpoint_bytes(trainer) -> int:
+    """Rough size of the scratch checkpoint: weights + fp32 param + two moments per parameter."""
+    local = sum(p.numel() * (p.element_size() + 12) for p in trainer.unwrapped.parameters())
+    a = trainer.args
+    return int(local * a.tensor_model_parallel_size * a.pipeline_model_parallel_size)
+
+
+def _checkpoint_transfer(trainer) -> CheckpointTransfer:
+    return CheckpointTransfer(scratch_base(trainer.args, _checkpoint_bytes(trainer)), f"it{trainer.state.iteration}")
+
+
 def _choose_transfer(trainer, src: List[int], new_depth: int):
     mode = getattr(trainer.args, "grow_transfer", None) or "auto"
     if mode == "checkpoint":
-        return CheckpointTransfer(scratch_base(trainer.args), f"it{trainer.state.iteration}")
+        return _checkpoint_transfer(trainer)
     old_layers = [layer.layer_number - 1 for layer in trainer.unwrapped.decoder.layers]
     possible = memory_transfer_possible(src, old_layers, stage_sizes_for(trainer.args, new_depth, None))
     if possible:
@@ -134,7 +151,7 @@ def _choose_transfer(trainer, src: List[int], new_depth: int):
             "--grow-transfer memory: layers would move to another pipeline stage at this growth step; "
             "use --grow-transfer auto or checkpoint"
         )
-    return CheckpointTransfer(scratch_base(trainer.args), f"it{trainer.state.iteration}")
+    return _checkpoint_transfer(trainer)
 
 
 def grow(trainer, steps: List[int]) -> Dict[str, float]:
