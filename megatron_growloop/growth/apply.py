@@ -123,7 +123,9 @@ def _release(trainer) -> None:
     trainer.model = []
     trainer.optimizer = None
     if platform.has_cuda():  # give the old model's device memory back before building the new one
+        gc.unfreeze()
         gc.collect()
+        gc.freeze()
         torch.cuda.empty_cache()
 
 
@@ -168,6 +170,9 @@ def grow(trainer, steps: List[int]) -> Dict[str, float]:
 
     # 1. the current state in model space (weights + fp32 params + Adam moments + step)
     transfer = _choose_transfer(trainer, src, new_depth)
+    # megatron's DistributedOptimizer.sharded_state_dict runs gc.collect() (twice per growth
+    # step); with the process' long-lived objects frozen those collections stay cheap.
+    gc.freeze()
     try:
         model_sd = checkpointing.model_sharded_state_dict(trainer.model)
         state = {
@@ -199,6 +204,8 @@ def grow(trainer, steps: List[int]) -> Dict[str, float]:
     except BaseException:
         transfer.cleanup(collective=False)
         raise
+    finally:
+        gc.unfreeze()
     transfer.cleanup()
     for m in trainer.model:
         m.broadcast_params()
