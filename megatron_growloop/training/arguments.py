@@ -238,6 +238,8 @@ def validate_args(args, world_size: int) -> None:
         raise UsageError(f"--save-interval must be >= 1, got {args.save_interval}")
     if args.eval_interval is not None and args.eval_interval < 1:
         raise UsageError(f"--eval-interval must be >= 1, got {args.eval_interval}")
+    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
+        args.tokenizer_model = "smollm2"
     if args.tensorboard_dir is None and args.save:
         args.tensorboard_dir = os.path.join(args.save, "tensorboard")
     if args.overlap_param_gather and not args.use_distributed_optimizer:

@@ -173,6 +173,7 @@ def save_checkpoint(
             iteration=iteration,
             parallel=_parallel_layout(),
             has_optimizer=optimizer is not None,
+            distributed_optimizer=_is_distributed_optimizer(optimizer),
             optimizer_sharding=OPTIM_METADATA["distrib_optim_sharding_type"],
         )
         _write_atomic(tmp / META_NAME, json.dumps(meta, indent=2, sort_keys=True, default=str))
@@ -182,6 +183,30 @@ def save_checkpoint(
         _write_atomic(root / TRACKER, str(iteration))
     dist.barrier()
     return str(final)
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    if optimizer is None:
+        return False
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in inner)
+
+
+def _materialize_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh DistributedOptimizer its Adam state tensors before loading into them.
+
+    Without TE/apex fused Adam (CPU), megatron-core's ``DistributedOptimizer.state_dict`` reads
+    the step count from the inner torch Adam state, which does not exist before the first step.
+    megatron-core's own remedy (used for its FSDP format) is a zero-gradient step; every value it
+    touches (fp32 params, moments, step) is then overwritten by the checkpoint.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -211,10 +236,17 @@ def load_checkpoint(
     model_sd = model_state_dict_fn() if model_state_dict_fn else model_sharded_state_dict(model_chunks)
     request: Dict[str, Any] = {"model": model_sd}
     load_optim = optimizer is not None and meta.get("has_optimizer", False)
+    if load_optim and meta.get("distributed_optimizer", False) != _is_distributed_optimizer(optimizer):
+        saved = "with" if meta.get("distributed_optimizer") else "without"
+        raise UsageError(
+            f"checkpoint {str(ckpt)!r} was saved {saved} --use-distributed-optimizer; resume the same "
+            "way (any TP/PP/DP works) or pass --no-load-optim to start the optimizer fresh"
+        )
     if load_optim:
-        from ..growth.optimizer_state import ensure_optimizer_state
+        from .compat import apply as apply_compat
 
-        ensure_optimizer_state(optimizer)
+        apply_compat()
+        _materialize_distributed_optimizer_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
     same_layout = meta.get("parallel") == _parallel_layout()
     if load_rng and same_layout:
@@ -234,9 +266,7 @@ def load_checkpoint(
         ) from None
     unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=True)
     if load_optim:
-        from ..growth.optimizer_state import load_optimizer_state
-
-        load_optimizer_state(optimizer, loaded["optimizer"])
+        optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in loaded and meta.get("has_optimizer", False):
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:
