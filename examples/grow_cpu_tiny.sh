@@ -11,7 +11,6 @@ set -euo pipefail
 NPROC=${NPROC:-1}
 SAVE=${SAVE:-/tmp/growloop_grow_cpu_tiny}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mkdir -p "$SAVE"
 if [ "$NPROC" -gt 1 ]; then LAUNCH=(torchrun --nproc_per_node "$NPROC" -m); else LAUNCH=(python -m); fi
 
 "${LAUNCH[@]}" megatron_growloop.pretrain \
@@ -21,5 +20,4 @@ if [ "$NPROC" -gt 1 ]; then LAUNCH=(torchrun --nproc_per_node "$NPROC" -m); else
     --train-iters 300 --lr 3e-3 --min-lr 0 --lr-warmup-iters 20 \
     --lr-decay-style WSD --lr-wsd-decay-iters 60 \
     --micro-batch-size 4 --seq-length 128 \
-    --save "$SAVE" --save-interval 100 --log-interval 20 --eval-interval 100 --eval-iters 4 \
-    --metrics-file "$SAVE/metrics.jsonl" "$@"
+    --save "$SAVE" --save-interval 100 --log-interval 20 --eval-interval 100 --eval-iters 4 "$@"

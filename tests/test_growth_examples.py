@@ -43,8 +43,7 @@ def test_example_flags(tmp_path, script, world, final, k, growth_its):
     (cooldown data from that iteration on), and the LR warmup ends before the first growth."""
     from megatron_growloop.training.arguments import parse_args
 
-    env = {"DATA_PATH": "/data/corpus_text_document",
-           "COOLDOWN_DATA_PATH": "0.8 /data/corpus_text_document 0.2 /data/math_text_document"}
+    env = {"DATA": "/data/corpus_text_document", "MATH": "/data/math_text_document"}
     argv = _launch_args(script, tmp_path, env)
     args = parse_args(argv, world_size=world)
     plan = args.growth_plan

@@ -207,8 +207,6 @@ def grow(trainer, steps: List[int]) -> Dict[str, float]:
     finally:
         gc.unfreeze()
     transfer.cleanup()
-    for m in trainer.model:
-        m.broadcast_params()
     trainer.scheduler.step(0)  # lr/wd of the schedule position into the new param groups
     checkpointing._set_rng_state(rng)
     t_loaded = time.perf_counter()
