@@ -29,7 +29,8 @@ def _train(tmp_path, monkeypatch, extra):
 
 
 @pytest.mark.parametrize("optim,transfer", [("adam", "memory"), ("adam", "checkpoint"), ("distopt", "memory"),
-                                            ("distopt", "checkpoint"), ("bf16-distopt", "memory")])
+                                            ("distopt", "checkpoint"), ("bf16-distopt", "memory"),
+                                            ("bf16-adam", "checkpoint")])
 def test_new_layers_equal_their_sources(dist_1rank, tmp_path, monkeypatch, capsys, optim, transfer):
     """Invariant: after growth (4 -> 8, LIDAS), with either transfer of the state, every new
     layer's weights and Adam moments (and the distributed optimizer's fp32 main params, also
@@ -48,7 +49,9 @@ def test_new_layers_equal_their_sources(dist_1rank, tmp_path, monkeypatch, capsy
     assert counts["weight"] == 6 * 8  # six layer tensors x eight layers
     assert counts["exp_avg"] == counts["exp_avg_sq"] == 6 * 8
     if distopt:
-        assert counts["param"] == 6 * 8
+        assert counts["param"] == 6 * 8  # the distributed optimizer's fp32 main params
+    elif optim.startswith("bf16"):
+        assert counts["fp32_param"] == 6 * 8  # Float16Optimizer's fp32 main params
     rows = read_metrics(tmp_path / "m.jsonl")
     assert [r["num_layers"] for r in rows] == [4, 4, 8, 8, 8]
     assert all(math.isfinite(r["loss"]) for r in rows)
