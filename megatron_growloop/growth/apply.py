@@ -35,7 +35,7 @@ from ..model.config import stage_sizes_for
 from ..training import checkpointing
 from . import flops as growth_flops
 from .operators import Lineage, compose, grow_lineage, initial_lineage
-from .optimizer_state import ensure_optimizer_state, load_optimizer_state
+from ..training.optimizer_state import ensure_optimizer_state, load_optimizer_state
 from .source_view import DedupLoadStrategy, source_view_sharded_state_dict
 from .transfer import CheckpointTransfer, MemoryTransfer, memory_transfer_possible
 

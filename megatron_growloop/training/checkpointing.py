@@ -32,6 +32,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from ..errors import UsageError
+from .optimizer_state import ensure_optimizer_state, load_optimizer_state
 
 FORMAT_VERSION = 1
 META_NAME = "growloop.json"
@@ -229,21 +230,6 @@ def _is_distributed_optimizer(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in inner)
 
 
-def _materialize_distributed_optimizer_state(optimizer) -> None:
-    """Give a fresh DistributedOptimizer its Adam state tensors before loading into them.
-
-    Without TE/apex fused Adam (CPU), megatron-core's ``DistributedOptimizer.state_dict`` reads
-    the step count from the inner torch Adam state, which does not exist before the first step.
-    megatron-core's own remedy (used for its FSDP format) is a zero-gradient step; every value it
-    touches (fp32 params, moments, step) is then overwritten by the checkpoint.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
-            opt._init_optimizer_states_with_dummy_values()
-
-
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -278,10 +264,7 @@ def load_checkpoint(
             "way (any TP/PP/DP works) or pass --no-load-optim to start the optimizer fresh"
         )
     if load_optim:
-        from .compat import apply as apply_compat
-
-        apply_compat()
-        _materialize_distributed_optimizer_state(optimizer)
+        ensure_optimizer_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
     same_layout = meta.get("parallel") == _parallel_layout()
     if load_rng and same_layout:
@@ -301,7 +284,7 @@ def load_checkpoint(
         ) from None
     unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=True)
     if load_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
+        load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in loaded and meta.get("has_optimizer", False):
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:
