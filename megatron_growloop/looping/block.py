@@ -155,6 +155,18 @@ class LoopedTransformerBlock(TransformerBlock):
             ]
         return self._view
 
+    def _get_layer(self, layer_number: int):
+        """The ``layer_number``-th *application* (0-based) of this stage.
+
+        megatron-core's full activation recomputation (``_checkpointed_forward``)
+        looks layers up through this method, in the forward pass *and again when it
+        recomputes during the backward pass* -- by then the scheduled view of
+        ``self.layers`` is gone, so the lookup must go through the schedule here.
+        """
+        if self._is_identity() and not self._application_hooks:
+            return self.layers[layer_number]
+        return self._applications()[layer_number]
+
     def _is_identity(self) -> bool:
         return self.local_schedule == list(range(self._unique_layers_per_rank))
 
