@@ -22,8 +22,9 @@ def runs(tmp_path_factory):
     # plain model: 3 iterations of the stable phase, saved
     pretrain(COMMON + ["--exit-interval", "3", "--save", plain, "--metrics-file", d / "plain.jsonl"])
     # retrofit layers 1..2 twice for the cooldown: iterations 4-5, saved
-    pretrain(COMMON + ["--load", plain, "--retrofit-loop", "1:3:2", "--exit-interval", "5", "--save", retro,
-                       "--metrics-file", d / "retro.jsonl"])
+    proc = pretrain(COMMON + ["--load", plain, "--retrofit-loop", "1:3:2", "--exit-interval", "5", "--save", retro,
+                              "--metrics-file", d / "retro.jsonl"])
+    (d / "retro.stdout").write_text(proc.stdout)
     # resume the retrofitted checkpoint without any loop flag: iteration 6
     pretrain(COMMON + ["--load", retro, "--save", retro, "--metrics-file", d / "resume.jsonl"])
     # reference: the same retrofit run without the interruption
@@ -44,6 +45,10 @@ def test_retrofit_records_the_loop(runs):
     assert acc["unique_layers"] == 4 and acc["effective_depth"] == 6
     assert acc["unique_parameters"] == plain["accounting"]["unique_parameters"]
     assert acc["inference_flops_per_token"] > plain["accounting"]["inference_flops_per_token"]
+    # the log line states all three axes for the looped model
+    log = (runs / "retro.stdout").read_text()
+    assert (f"model: 4 unique layers, effective depth 6 (Loop(1-2x2-1))" in log
+            and f"unique parameters {acc['unique_parameters']:,}" in log), log[:500]
     m = read_metrics(runs / "retro.jsonl")
     assert [r["iteration"] for r in m] == [4, 5]  # training continues (iteration, optimizer, WSD)
     assert all(r["effective_depth"] == 6 for r in m)
