@@ -53,10 +53,11 @@ def test_tp_pp_match_one_process(ck, name, flags):
 
 
 def test_dp2_overlap_recompute_across_k_change_matches_one_process_and_fresh_run(ck):
-    """DP=2 + distributed optimizer + overlap_grad_reduce + full recomputation (hook firings
+    """DP=2 + distributed optimizer + overlapped grad reduce / param gather + full recomputation (hook firings
     per step depend on k) across a k change == 1 process; and the steps after the change equal
     a fresh DP=2 run loaded at the change with --loop-repeats 2."""
-    flags = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--recompute-granularity", "full",
+    flags = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+             "--recompute-granularity", "full",
              "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     a = ck / "dp2a"
     pretrain(COMMON + PHASES + flags + ["--load", ck / "ck", "--finetune", "--save", a, "--save-interval", "2",
