@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pretrain, read_metrics
+from conftest import pretrain, read_metrics, run_module
 
 COMMON = ["--tokenizer-type", "ByteTokenizer", "--seq-length", "64", "--micro-batch-size", "2",
           "--train-iters", "6", "--log-interval", "1", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "3"]
@@ -124,12 +124,10 @@ def test_relaunching_a_retrofit_run_is_accepted(runs):
     assert args.retrofit_loop == "1:3:2"
 
 
-def test_generation_cli_runs_a_retrofitted_checkpoint(runs, capsys):
+def test_generation_cli_runs_a_retrofitted_checkpoint(runs):
     """The generation CLI runs the checkpoint with its loop, a changed k and a repeat block."""
-    from megatron_growloop.looping.generate import main as gen_main
-
-    texts = gen_main(["--load", str(runs / "retro"), "--prompt", "The cat", "--max-new-tokens", "4",
-                      "--loop-repeats", "3", "--repeat-block", "0:1:2"])
-    out = capsys.readouterr().out
-    assert "schedule: [0, 0, 1, 2, 1, 2, 1, 2, 3] (effective depth 9" in out
-    assert len(texts) == 1
+    proc = run_module("megatron_growloop.looping.generate",
+                      ["--load", runs / "retro", "--prompt", "The cat", "--max-new-tokens", "4",
+                       "--loop-repeats", "3", "--repeat-block", "0:1:2"])
+    assert "schedule: [0, 0, 1, 2, 1, 2, 1, 2, 3] (effective depth 9" in proc.stdout
+    assert "'The cat' -> " in proc.stdout

@@ -286,15 +286,25 @@ class Trainer:
     def save(self) -> Optional[str]:
         if not self.args.save:
             return None
-        path = checkpointing.save_checkpoint(
-            self.args.save,
-            self.state.iteration,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            common={"state": self.state.to_dict()},
-            metadata=self.checkpoint_metadata(),
-        )
+        # With --overlap-param-gather the all-gather of the updated parameters is deferred to
+        # the next forward pass; gather now so the saved weights are current (as Megatron-LM
+        # does by disabling the forward pre-hooks around a save).
+        hooked = [m for m in self.model if getattr(m, "use_forward_hook", False)]
+        for m in hooked:
+            m.disable_forward_pre_hook(param_sync=True)
+        try:
+            path = checkpointing.save_checkpoint(
+                self.args.save,
+                self.state.iteration,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                common={"state": self.state.to_dict()},
+                metadata=self.checkpoint_metadata(),
+            )
+        finally:
+            for m in hooked:
+                m.enable_forward_pre_hook()
         return path
 
     def _resolve_resume(self) -> None:
