@@ -4,8 +4,6 @@ for looped blocks before Transformer Engine is needed."""
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
 from conftest import pretrain
