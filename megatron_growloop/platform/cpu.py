@@ -230,53 +230,6 @@ def _patch_megatron() -> None:
         return
     _patch(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
     _patch(mrandom, "_set_cuda_rng_state", _cpu_set_rng_state)
-    _patch_distributed_optimizer()
-
-
-def _patch_distributed_optimizer() -> None:
-    """megatron-core's DistributedOptimizer with torch's Adam (its fallback without
-    Transformer Engine / Apex) cannot load a checkpoint: a fresh optimizer has no per-
-    parameter ``step`` for ``state_dict()`` to read (``assert len(steps) == 1``), and the
-    fully-reshardable load copies every state key, including torch's ``step``, from tensors
-    that do not have it (``KeyError: 'step'``; megatron restores ``step`` separately)."""
-    try:
-        from megatron.core.optimizer import distrib_optimizer as dopt
-    except Exception:  # pragma: no cover
-        return
-    if getattr(dopt, "HAVE_APEX_OR_TE", True):
-        return
-    cls = dopt.DistributedOptimizer
-    orig_sharded = cls.sharded_state_dict
-    orig_set = cls._set_main_param_and_optimizer_states
-
-    def sharded_state_dict(self, *args, **kwargs):
-        is_loading = kwargs.get("is_loading", args[1] if len(args) > 1 else False)
-        if is_loading and not self.optimizer.state:
-            self._init_optimizer_states_with_dummy_values()  # megatron's helper; the load overwrites it
-        return orig_sharded(self, *args, **kwargs)
-
-    def _set_main_param_and_optimizer_states(self, model_param, tensors):
-        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            step = self.optimizer.state[main_param].get("step")
-            if step is not None:
-                tensors = dict(tensors, step=step)  # already restored from the param groups
-        return orig_set(self, model_param, tensors)
-
-    orig_load = cls.load_state_dict
-
-    def load_state_dict(self, state_dict):
-        orig_load(self, state_dict)
-        # megatron gives every parameter the *same* ``step`` tensor; torch's Adam increments
-        # it in place once per parameter, corrupting the bias correction after a resume.
-        for st in self.optimizer.state.values():
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].detach().clone()
-
-    _patch(cls, "load_state_dict", load_state_dict)
-    _patch(cls, "sharded_state_dict", sharded_state_dict)
-    _patch(cls, "_set_main_param_and_optimizer_states", _set_main_param_and_optimizer_states)
 
 
 def is_active() -> bool:
