@@ -25,9 +25,15 @@ def fail(message: str) -> "NoReturn":  # noqa: F821
 
 @contextmanager
 def cli_errors(prog: str):
-    """Turn :class:`UsageError` into ``prog: error: ...`` on stderr and exit 2."""
+    """Turn :class:`UsageError` into ``prog: error: ...`` on stderr and exit 2.
+
+    Under ``torchrun`` every rank raises the same error; only rank 0 prints it.
+    """
     try:
         yield
     except UsageError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        import os
+
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2)

@@ -64,19 +64,24 @@ def preprocess(
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     builder = IndexedDatasetBuilder(tmp + ".bin", dtype=dtype)
     n_docs = 0
-    for text in documents:
-        ids: List[int] = tokenizer.tokenize(text)
-        if append_eod:
-            ids.append(tokenizer.eod)
-        if not ids:
-            continue
-        builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
-        n_docs += 1
-    if n_docs == 0:
+    try:
+        for text in documents:
+            ids: List[int] = tokenizer.tokenize(text)
+            if append_eod:
+                ids.append(tokenizer.eod)
+            if not ids:
+                continue
+            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+            n_docs += 1
+        if n_docs == 0:
+            raise UsageError("no documents to preprocess (the inputs are empty)")
+        builder.finalize(tmp + ".idx")
+    except BaseException:
         builder.data_file.close()
-        os.remove(tmp + ".bin")
-        raise UsageError("no documents to preprocess (the inputs are empty)")
-    builder.finalize(tmp + ".idx")
+        for ext in (".bin", ".idx"):
+            if os.path.exists(tmp + ext):
+                os.remove(tmp + ext)
+        raise
     os.replace(tmp + ".bin", prefix + ".bin")
     os.replace(tmp + ".idx", prefix + ".idx")
     return prefix

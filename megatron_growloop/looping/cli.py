@@ -56,10 +56,23 @@ def validate_inference_loop_args(args) -> None:
 
 
 def _checkpoint_arch(args) -> Optional[dict]:
+    """The ``arch`` record of the ``--load`` checkpoint (None without one).
+
+    Megatron-LM's auto-resume idiom (``--save X --load X`` before X holds a checkpoint)
+    starts from scratch: no checkpoint architecture then.
+    """
+    import os
+
+    from ..training.checkpointing import TRACKER, read_metadata
+
     if not getattr(args, "load", None):
         return None
-    from ..training.checkpointing import read_metadata
-
+    save = getattr(args, "save", None)
+    if (save and os.path.abspath(args.load) == os.path.abspath(save)
+            and not os.path.exists(os.path.join(args.load, TRACKER))):
+        if args.retrofit_loop:
+            raise UsageError(f"--load {args.load!r} holds no checkpoint to continue from")
+        return None
     return read_metadata(args.load).get("arch", {})
 
 

@@ -84,6 +84,18 @@ def read_metadata(path: str) -> Dict[str, Any]:
     return meta
 
 
+def tokenizer_source(meta: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
+    """``(tokenizer type, model)`` recorded in checkpoint metadata; a tokenizer directory
+    stored inside the checkpoint (``<iter dir>/tokenizer``, written by the HF converter)
+    is found even when the checkpoint was moved."""
+    tok = meta.get("tokenizer") or {}
+    model = tok.get("model")
+    local = Path(meta.get("_dir", "")) / "tokenizer"
+    if model and not Path(model).exists() and Path(model).name == "tokenizer" and local.is_dir():
+        model = str(local)
+    return tok.get("type"), model
+
+
 # ------------------------------------------------------------------------------------ RNG
 def _rng_state() -> Dict[str, Any]:
     return {
@@ -173,6 +185,7 @@ def save_checkpoint(
             iteration=iteration,
             parallel=_parallel_layout(),
             has_optimizer=optimizer is not None,
+            distributed_optimizer=_is_distributed_optimizer(optimizer),
             optimizer_sharding=OPTIM_METADATA["distrib_optim_sharding_type"],
         )
         _write_atomic(tmp / META_NAME, json.dumps(meta, indent=2, sort_keys=True, default=str))
@@ -182,6 +195,30 @@ def save_checkpoint(
         _write_atomic(root / TRACKER, str(iteration))
     dist.barrier()
     return str(final)
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    if optimizer is None:
+        return False
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(isinstance(o, DistributedOptimizer) for o in inner)
+
+
+def _materialize_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh DistributedOptimizer its Adam state tensors before loading into them.
+
+    Without TE/apex fused Adam (CPU), megatron-core's ``DistributedOptimizer.state_dict`` reads
+    the step count from the inner torch Adam state, which does not exist before the first step.
+    megatron-core's own remedy (used for its FSDP format) is a zero-gradient step; every value it
+    touches (fp32 params, moments, step) is then overwritten by the checkpoint.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and len(opt.optimizer.state) == 0:
+            opt._init_optimizer_states_with_dummy_values()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -211,7 +248,17 @@ def load_checkpoint(
     model_sd = model_state_dict_fn() if model_state_dict_fn else model_sharded_state_dict(model_chunks)
     request: Dict[str, Any] = {"model": model_sd}
     load_optim = optimizer is not None and meta.get("has_optimizer", False)
+    if load_optim and meta.get("distributed_optimizer", False) != _is_distributed_optimizer(optimizer):
+        saved = "with" if meta.get("distributed_optimizer") else "without"
+        raise UsageError(
+            f"checkpoint {str(ckpt)!r} was saved {saved} --use-distributed-optimizer; resume the same "
+            "way (any TP/PP/DP works) or pass --no-load-optim to start the optimizer fresh"
+        )
     if load_optim:
+        from .compat import apply as apply_compat
+
+        apply_compat()
+        _materialize_distributed_optimizer_state(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
     same_layout = meta.get("parallel") == _parallel_layout()
     if load_rng and same_layout:

@@ -128,6 +128,8 @@ class Trainer:
             rotary_base=args.rotary_base,
             share_embeddings_and_output_weights=self.tied,
             transformer_impl=args.transformer_impl,
+            rope_scaling=bool(getattr(args, "rope_scaling", False)),
+            rope_scaling_factor=float(getattr(args, "rope_scaling_factor", None) or 8.0),
         )
         if platform.has_cuda():
             model.cuda(torch.cuda.current_device())
@@ -312,11 +314,13 @@ class Trainer:
         a = self.args
         meta = checkpointing.read_metadata(a.load)
         arch = meta.get("arch", {})
-        for name in ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size"):
-            if name in arch and arch[name] != getattr(a, name):
+        for name in ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
+                     "untie_embeddings_and_output_weights", "rope_scaling"):
+            if name in arch and arch[name] != getattr(a, name, None):
+                flag = "--use-rope-scaling" if name == "rope_scaling" else "--" + name.replace("_", "-")
                 raise UsageError(
                     f"--load {a.load!r} has {name}={arch[name]} but this run has "
-                    f"--{name.replace('_', '-')} {getattr(a, name)}"
+                    f"{flag} {getattr(a, name, None)} (pass --use-checkpoint-args to take the checkpoint's architecture)"
                 )
         if "padded_vocab_size" in arch and arch["padded_vocab_size"] != self.padded_vocab_size:
             ckpt_vocab = arch["padded_vocab_size"]
@@ -348,9 +352,10 @@ class Trainer:
                 lineage = self.state.lineage
                 self.state = TrainState(**st)
                 self.state.lineage = lineage
-        # The DistributedOptimizer copies loaded fp32 params back into the model params.
-        for m in self.model:
-            m.broadcast_params()
+        if not out["loaded_optimizer"]:
+            # Fresh optimizer state (--finetune, --no-load-optim, or a checkpoint without one, e.g. a
+            # converted Hugging Face model): its fp32 main params must start from the loaded weights.
+            self.optimizer.reload_model_params()
 
     # ------------------------------------------------------------------ data
     def build_data(self) -> None:
@@ -380,13 +385,13 @@ class Trainer:
                 dist.barrier()
                 blend = ([default_data_prefix(self.tokenizer, build=False)], None)
             self.train_ds, self.valid_ds, _ = build_gpt_datasets(
-                blend, self.tokenizer, a.seq_length, [n_train, n_valid, None], a.split, a.seed, a.data_cache_path
+                blend, self.tokenizer, a.seq_length, [n_train, n_valid, 0], a.split, a.seed, a.data_cache_path
             )
             self.cooldown_ds = None
             if a.cooldown_data_path:
                 n_cool = (a.train_iters - a.cooldown_start_iter) * a.global_batch_size
                 self.cooldown_ds, _, _ = build_gpt_datasets(
-                    parse_blend(a.cooldown_data_path), self.tokenizer, a.seq_length, [max(n_cool, 1), None, None],
+                    parse_blend(a.cooldown_data_path), self.tokenizer, a.seq_length, [max(n_cool, 1), 0, 0],
                     "100,0,0", a.seed, a.data_cache_path,
                 )
             if self.train_ds is None:
@@ -468,6 +473,15 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
     def setup(self) -> None:
         a = self.args
+        if a.load and a.save and os.path.abspath(a.load) == os.path.abspath(a.save):
+            # Megatron-LM's auto-resume idiom (--save X --load X): a run that has not saved yet
+            # starts from scratch instead of failing.
+            if not os.path.exists(os.path.join(a.load, checkpointing.TRACKER)):
+                if a.retrofit_loop or a.finetune:
+                    raise UsageError(f"--load {a.load!r} holds no checkpoint to continue from")
+                if self.is_logging_rank:
+                    print(f"no checkpoint in {a.load} yet: starting from scratch", flush=True)
+                a.load = None
         if a.load:
             self._resolve_resume()
         self.build(self.num_layers, self.loop)
@@ -507,6 +521,9 @@ class Trainer:
             "step_time_s": dt,
             "training_flops": self.state.training_flops,
             "consumed_train_samples": self.state.consumed_train_samples,
+            "data": "cooldown" if self._in_cooldown else "main",
+            "tokens_per_iteration": self.args.global_batch_size * self.args.seq_length,
+            "peak_memory_bytes": peak_memory_bytes(),
         }
         with open(self.args.metrics_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
