@@ -105,6 +105,8 @@ class FlopsTracker:
 def summary(config, vocab_size: int, tied: bool, seq_len: int, effective_depth: Optional[int] = None) -> dict:
     """The numbers logs and checkpoint metadata report for a model."""
     shape = ArchShape.from_config(config, vocab_size, tied)
+    if effective_depth is None:  # a looped config knows its effective depth (applications)
+        effective_depth = getattr(config, "effective_depth", None)
     depth = effective_depth if effective_depth is not None else config.num_layers
     return {
         "unique_layers": int(config.num_layers),

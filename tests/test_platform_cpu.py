@@ -77,3 +77,28 @@ def test_megatron_rng_tracker_forks_cpu_state(dist_1rank):
     with get_cuda_rng_tracker().fork():
         inside2 = torch.rand(3)
     assert not torch.equal(inside, inside2)  # the tracker state advanced
+
+
+def test_backward_pass_keeps_cuda_requests_mapped():
+    """Code run inside backward (megatron's re-entrant recomputation re-runs layer forwards
+    there) must still see ``device="cuda"`` mapped to the CPU, also after ``Tensor.backward()``."""
+    platform.setup()
+    seen = []
+
+    class Recompute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(torch.ones(2, device="cuda").device.type)
+            return g * 2
+
+    x = torch.ones(3, requires_grad=True)
+    Recompute.apply(x).sum().backward()
+    torch.autograd.backward(Recompute.apply(x).sum())
+    torch.autograd.grad(Recompute.apply(x).sum(), x)
+    assert seen == ["cpu", "cpu", "cpu"]
+    assert torch.equal(x.grad, torch.full((3,), 4.0))
+

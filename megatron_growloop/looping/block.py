@@ -112,6 +112,7 @@ class LoopedTransformerBlock(TransformerBlock):
         self._unique_layers_per_rank = len(self.layers)
         self._layer_offset = (self.layers[0].layer_number - 1) if len(self.layers) else 0
         self.local_schedule: List[int] = list(range(len(self.layers)))
+        self._identity = True
         self._slot_offset = 0
         self._view_depth = 0
         self._view: Optional[List[_Application]] = None
@@ -141,6 +142,7 @@ class LoopedTransformerBlock(TransformerBlock):
                 f"the schedule never applies layers {first}..{first + self._unique_layers_per_rank - 1}"
             )
         self.local_schedule = local
+        self._identity = local == list(range(self._unique_layers_per_rank))
         self._view = None
 
     @property
@@ -155,8 +157,37 @@ class LoopedTransformerBlock(TransformerBlock):
             ]
         return self._view
 
+    def _get_layer(self, layer_number: int):
+        """The ``layer_number``-th *application* (0-based) of this stage.
+
+        megatron-core's full activation recomputation (``_checkpointed_forward``)
+        looks layers up through this method, in the forward pass *and again when it
+        recomputes during the backward pass* -- by then the scheduled view of
+        ``self.layers`` is gone, so the lookup must go through the schedule here.
+        """
+        if self._is_identity() and not self._application_hooks:
+            return self.layers[layer_number]
+        return self._applications()[layer_number]
+
     def _is_identity(self) -> bool:
-        return self.local_schedule == list(range(self._unique_layers_per_rank))
+        return self._identity
+
+    def _check_recompute(self) -> None:
+        """megatron-core's uniform full recomputation walks chunks of ``recompute_num_layers``
+        applications and would index past the last one if the chunk size does not divide them."""
+        cfg = self.config
+        n = len(self.local_schedule)
+        if (
+            cfg.recompute_granularity == "full"
+            and cfg.recompute_method == "uniform"
+            and cfg.recompute_num_layers
+            and n % cfg.recompute_num_layers
+        ):
+            raise UsageError(
+                f"--recompute-num-layers {cfg.recompute_num_layers} must divide the {n} layer "
+                "applications of this pipeline stage with --recompute-method uniform "
+                "(or use --recompute-method block)"
+            )
 
     @contextmanager
     def _scheduled_view(self):
@@ -181,5 +212,7 @@ class LoopedTransformerBlock(TransformerBlock):
             self.num_layers_per_pipeline_rank = self._unique_layers_per_rank
 
     def forward(self, *args, **kwargs):
+        if self.training and self.config.recompute_granularity == "full":
+            self._check_recompute()
         with self._scheduled_view():
             return super().forward(*args, **kwargs)

@@ -1,9 +1,27 @@
-"""Loop-related command-line flags shared by pretraining, evaluation and analysis."""
+"""Loop-related command-line flags shared by pretraining, evaluation and generation.
+
+Training (``megatron_growloop.pretrain``): ``--loop``, ``--retrofit-loop``,
+``--loop-repeats``, ``--loop-repeats-schedule`` (:func:`add_loop_args`,
+:func:`validate_loop_args`).  Inference tools (generation, evaluation, analysis):
+``--loop-repeats`` and ``--repeat-block`` (:func:`add_inference_loop_args`,
+:func:`validate_inference_loop_args`).
+
+Everything that can be checked before a process group exists is checked here, so a
+bad spec fails with one ``error:`` line before anything is built or written.
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..errors import UsageError
-from .spec import LoopSpec, RepeatBlock
+from .spec import (
+    LoopSpec,
+    RepeatBlock,
+    build_schedule,
+    check_stage_sizes,
+    parse_repeats_schedule,
+)
 
 
 def add_loop_args(parser) -> None:
@@ -12,10 +30,92 @@ def add_loop_args(parser) -> None:
                    help="train a looped model: 'LxK' (Loop(L×k)) or 'e-LxK-d' (Loop(e-L×k-d)); "
                         "--num-layers then counts unique layers (defaults to e+L+d)")
     g.add_argument("--retrofit-loop", default=None, metavar="START:END:R",
-                   help="with --load: continue training with layers START..END-1 applied R times "
-                        "(retrofitted recurrence); the checkpoint then records the loop")
+                   help="with --load of a plain model: continue training with layers START..END-1 "
+                        "applied R times (retrofitted recurrence); the checkpoint then records the loop")
     g.add_argument("--loop-repeats", type=int, default=None,
                    help="change k of a loaded looped model (e.g. for a new training phase)")
+    g.add_argument("--loop-repeats-schedule", default=None, metavar="ITER:K[,ITER:K]",
+                   help="change k during training: after ITER completed iterations train with k=K "
+                        "(e.g. 1000:2,2000:4); gradient synchronisation is re-learned at each change")
+
+
+def add_inference_loop_args(parser) -> None:
+    """``--loop-repeats`` / ``--repeat-block`` for tools that load a trained model."""
+    g = parser.add_argument_group("looping at inference")
+    g.add_argument("--loop-repeats", type=int, default=None,
+                   help="run a looped checkpoint with k=K recurrences instead of its trained k")
+    g.add_argument("--repeat-block", action="append", default=[], metavar="START:END:R",
+                   help="run effective-depth positions START..END-1 R times in total (R=1: unchanged); "
+                        "repeatable; positions count layer applications (after --loop-repeats)")
+
+
+def validate_inference_loop_args(args) -> None:
+    if args.loop_repeats is not None and args.loop_repeats < 1:
+        raise UsageError(f"--loop-repeats must be >= 1, got {args.loop_repeats}")
+    args.repeat_block = [str(RepeatBlock.parse(b, what="--repeat-block")) for b in (args.repeat_block or [])]
+
+
+def _checkpoint_arch(args) -> Optional[dict]:
+    """The ``arch`` record of the ``--load`` checkpoint (None without one).
+
+    Megatron-LM's auto-resume idiom (``--save X --load X`` before X holds a checkpoint)
+    starts from scratch: no checkpoint architecture then.
+    """
+    import os
+
+    from ..training.checkpointing import TRACKER, read_metadata
+
+    if not getattr(args, "load", None):
+        return None
+    save = getattr(args, "save", None)
+    if (save and os.path.abspath(args.load) == os.path.abspath(save)
+            and not os.path.exists(os.path.join(args.load, TRACKER))):
+        if args.retrofit_loop:
+            raise UsageError(f"--load {args.load!r} holds no checkpoint to continue from")
+        return None
+    return read_metadata(args.load).get("arch", {})
+
+
+def resolve_loop(args, arch: Optional[dict]) -> Optional[str]:
+    """The loop this run trains with: ``--loop``, or the checkpoint's loop, turned by
+    ``--retrofit-loop`` / ``--loop-repeats``.  Raises for inconsistent combinations."""
+    if arch is None:
+        if args.retrofit_loop:
+            raise UsageError("--retrofit-loop needs --load CHECKPOINT (it continues training a model)")
+        if args.loop_repeats is not None:
+            if not args.loop:
+                raise UsageError("--loop-repeats needs a looped model: --load a looped checkpoint or give --loop")
+            return str(LoopSpec.parse(args.loop).with_repeats(args.loop_repeats))
+        return args.loop
+    num_layers = int(arch.get("num_layers", args.num_layers))
+    ckpt_loop = arch.get("loop")
+    loop = ckpt_loop
+    if args.retrofit_loop:
+        block = RepeatBlock.parse(args.retrofit_loop, what="--retrofit-loop")
+        if block.end > num_layers:
+            raise UsageError(
+                f"--retrofit-loop {block} lies outside the model: --load {args.load!r} has layers "
+                f"0..{num_layers - 1}"
+            )
+        target = str(LoopSpec.from_block(num_layers, block))
+        if ckpt_loop and ckpt_loop != target:
+            raise UsageError(
+                f"--retrofit-loop {block}: --load {args.load!r} is already looped (Loop({ckpt_loop})); "
+                "change its k with --loop-repeats instead"
+            )
+        loop = target  # equal to the checkpoint's loop when resuming a retrofit run
+    elif args.loop:
+        if LoopSpec.parse(args.loop) != (LoopSpec.parse(ckpt_loop) if ckpt_loop else None):
+            what = f"Loop({ckpt_loop})" if ckpt_loop else "not looped"
+            raise UsageError(
+                f"--loop {args.loop} does not match --load {args.load!r}, which is {what}: use "
+                "--retrofit-loop START:END:R to loop a plain checkpoint or --loop-repeats K to change k"
+            )
+    if args.loop_repeats is not None:
+        if not loop:
+            raise UsageError(f"--loop-repeats: the checkpoint {args.load!r} has no loop (use --retrofit-loop)")
+        loop = str(LoopSpec.parse(loop).with_repeats(args.loop_repeats))
+    return loop
 
 
 def validate_loop_args(args) -> None:
@@ -32,13 +132,21 @@ def validate_loop_args(args) -> None:
         args.loop = str(loop)
     if args.retrofit_loop:
         RepeatBlock.parse(args.retrofit_loop, what="--retrofit-loop")
-        if not args.load:
-            raise UsageError("--retrofit-loop needs --load CHECKPOINT (it continues training a model)")
         if args.loop:
             raise UsageError("use either --loop (train from scratch) or --retrofit-loop (continue), not both")
     if args.loop_repeats is not None and args.loop_repeats < 1:
         raise UsageError(f"--loop-repeats must be >= 1, got {args.loop_repeats}")
-    looped = bool(args.loop or args.retrofit_loop)
+    args.loop_repeats_schedule_parsed = (
+        parse_repeats_schedule(args.loop_repeats_schedule) if args.loop_repeats_schedule else []
+    )
+    arch = _checkpoint_arch(args)
+    resolved = resolve_loop(args, arch)
+    num_layers = int(arch["num_layers"]) if arch and "num_layers" in arch else args.num_layers
+    if args.loop_repeats_schedule and not resolved:
+        raise UsageError("--loop-repeats-schedule needs a looped model (--loop, --retrofit-loop or a looped --load)")
+    if arch is None and resolved:
+        args.loop = resolved  # --loop with --loop-repeats: train with the changed k
+    looped = bool(resolved)
     if looped and args.fp8_format and args.fp8_recipe == "delayed":
         raise UsageError(
             "looped blocks cannot use --fp8-recipe delayed: Transformer Engine does not support one "
@@ -48,5 +156,14 @@ def validate_loop_args(args) -> None:
     if looped and args.cuda_graph_impl not in (None, "none"):
         raise UsageError(
             "CUDA graphs capture one call per layer and cannot replay a looped block: use "
-            "--cuda-graph-impl none with --loop/--retrofit-loop"
+            "--cuda-graph-impl none with --loop/--retrofit-loop/looped checkpoints"
         )
+    if looped and args.pipeline_model_parallel_size > 1 and getattr(args, "pipeline_model_parallel_layout", None):
+        from .spec import stage_sizes_from_layout
+
+        sizes = stage_sizes_from_layout(args.pipeline_model_parallel_layout, args.pipeline_model_parallel_size)
+        if sum(sizes) == num_layers:
+            schedule = build_schedule(num_layers, LoopSpec.parse(resolved))
+            check_stage_sizes(
+                schedule, sizes, f"--pipeline-model-parallel-layout {args.pipeline_model_parallel_layout!r}"
+            )

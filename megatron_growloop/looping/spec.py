@@ -167,6 +167,55 @@ def build_schedule(
     return schedule
 
 
+def parse_repeats_schedule(text: str) -> List[Tuple[int, int]]:
+    """Parse ``--loop-repeats-schedule ITER:K[,ITER:K...]`` into sorted ``(iteration, k)`` pairs.
+
+    ``ITER:K`` means: the training steps after ``ITER`` completed iterations run with k=K.
+    """
+    raw = str(text)
+    out: List[Tuple[int, int]] = []
+    for part in raw.replace(" ", "").split(","):
+        try:
+            it_s, k_s = part.split(":")
+            it, k = int(it_s), int(k_s)
+        except ValueError:
+            raise UsageError(
+                f"invalid --loop-repeats-schedule {raw!r}: expected ITER:K[,ITER:K...] with integers, "
+                "e.g. 1000:2,2000:4"
+            ) from None
+        if it < 0 or k < 1:
+            raise UsageError(f"invalid --loop-repeats-schedule {raw!r}: need ITER >= 0 and K >= 1 (got {part})")
+        if out and it <= out[-1][0]:
+            raise UsageError(f"invalid --loop-repeats-schedule {raw!r}: iterations must increase")
+        out.append((it, k))
+    return out
+
+
+def repeats_at(schedule: Sequence[Tuple[int, int]], iteration: int, default: int) -> int:
+    """k for the step that follows ``iteration`` completed iterations."""
+    k = default
+    for it, kk in schedule:
+        if it <= iteration:
+            k = kk
+    return k
+
+
+def check_stage_sizes(schedule: Sequence[int], sizes: Sequence[int], what: str = "the pipeline layout") -> None:
+    """Raise if a stage boundary of ``sizes`` (unique layers per stage) cuts a looped or
+    repeated block, i.e. the schedule would leave a stage and come back to it."""
+    ok = valid_cuts(schedule, sum(sizes))
+    cut = 0
+    for i, n in enumerate(sizes[:-1]):
+        cut += n
+        if not ok[cut]:
+            valid = [c for c in range(1, len(ok) - 1) if ok[c]]
+            raise UsageError(
+                f"{what} puts a pipeline stage boundary before layer {cut} (between stages {i} and "
+                f"{i + 1}), inside a looped/repeated block; a recurrent block must lie within one "
+                f"stage (boundaries allowed before layers: {', '.join(map(str, valid)) or 'none'})"
+            )
+
+
 def block_boundaries(num_layers: int, loop: Optional[LoopSpec], repeat_blocks=()) -> List[int]:
     """Effective-depth positions where a recurrent application starts (for plots)."""
     marks: List[int] = []

@@ -84,7 +84,9 @@ def stage_sizes_for(args, num_layers: int, loop: Optional[str]) -> Optional[List
                 f"{sum(sizes)} layers but the model has {num_layers}"
             )
         return sizes
-    schedule = build_schedule(num_layers, LoopSpec.parse(loop) if loop else None)
+    # balance layer applications, repeat blocks (inference) included, never cutting a block
+    blocks = [RepeatBlock.parse(b) for b in (getattr(args, "repeat_block", None) or ())]
+    schedule = build_schedule(num_layers, LoopSpec.parse(loop) if loop else None, blocks)
     return balanced_stage_sizes(schedule, num_layers, pp)
 
 

@@ -21,6 +21,11 @@ What it does, exactly:
 * ``Module.cuda()`` is a no-op;
 * ``torch.cuda.current_device/synchronize/set_device/empty_cache`` and the
   memory statistics become harmless; streams and events become inert objects;
+* autograd's engine entry point re-enters the mode, so that code run during a
+  backward pass (megatron's re-entrant activation recomputation re-runs whole
+  layer forwards there) still sees CUDA requests mapped to the CPU -- a
+  ``Tensor.backward()`` call reaches the engine from inside the mode's own
+  handler, where torch has popped the mode off the stack;
 * the "CUDA" RNG (``torch.cuda.get_rng_state``/``set_rng_state``/``manual_seed``
   and megatron's ``_get_cuda_rng_state``/``_set_cuda_rng_state``) is the CPU
   default generator, so Megatron's RNG tracker forks and restores the state that
@@ -198,6 +203,25 @@ def _patch_torch_cuda() -> None:
     _patch(torch.nn.Module, "cuda", lambda self, device=None: self)
 
 
+def _patch_autograd_engine() -> None:
+    """Run every backward pass with the CPU mode on the torch-function mode stack."""
+    import torch.autograd as autograd
+    import torch.autograd.graph as graph
+
+    original = graph._engine_run_backward
+
+    def _engine_run_backward(*args, **kwargs):
+        mode = _STATE["mode"]
+        stack = torch.overrides._get_current_function_mode_stack()
+        if mode is None or any(m is mode for m in stack):
+            return original(*args, **kwargs)
+        with mode:
+            return original(*args, **kwargs)
+
+    _patch(graph, "_engine_run_backward", _engine_run_backward)
+    _patch(autograd, "_engine_run_backward", _engine_run_backward)
+
+
 def _patch_megatron() -> None:
     """Point megatron-core's private CUDA RNG helpers at the CPU generator."""
     try:
@@ -224,6 +248,7 @@ def activate(force: bool = False) -> bool:
         if torch.cuda.is_available() and not force:
             return False
         _patch_torch_cuda()
+        _patch_autograd_engine()
         _patch_megatron()
         mode = CudaToCpuMode()
         mode.__enter__()

@@ -276,6 +276,12 @@ def validate_args(args, world_size: int) -> None:
         args.tensorboard_dir = os.path.join(args.save, "tensorboard")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise UsageError("--overlap-param-gather needs --use-distributed-optimizer")
+    from ..growth.cli import validate_growth_args
+    from ..looping.cli import validate_loop_args
+
+    # Loop checks first: refusing FP8-delayed / CUDA graphs for looped blocks must not
+    # depend on Transformer Engine being installed.
+    validate_loop_args(args)
     from ..platform import has_cuda
 
     if args.transformer_impl is None:
@@ -287,10 +293,6 @@ def validate_args(args, world_size: int) -> None:
         )
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         raise UsageError("--fp8-format needs --transformer-impl transformer_engine")
-    from ..growth.cli import validate_growth_args
-    from ..looping.cli import validate_loop_args
-
-    validate_loop_args(args)
     validate_growth_args(args)
     if pp > args.num_layers:
         raise UsageError(

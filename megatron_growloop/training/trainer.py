@@ -29,7 +29,9 @@ from ..data.datasets import BatchSchedule, MicroBatchIterator, build_gpt_dataset
 from ..data.tokenizer import build_tokenizer
 from ..errors import UsageError
 from ..growth.operators import Lineage, initial_lineage
-from ..looping.spec import LoopSpec, RepeatBlock
+from ..looping.cli import resolve_loop
+from ..looping.ddp import reset_grad_ready_counts
+from ..looping.spec import LoopSpec, repeats_at
 from ..model.config import ARCH_FIELDS, GrowLoopConfig, build_transformer_config, stage_sizes_for
 from ..model.gpt import GrowLoopGPTModel, build_model
 from . import checkpointing
@@ -177,6 +179,35 @@ class Trainer:
         if args.overlap_param_gather:
             cfg.param_sync_func = ddp.start_param_sync
         self.num_layers, self.loop = num_layers, loop
+        self._grad_sync_schedule = None
+
+    def set_loop_repeats(self, repeats: int) -> None:
+        """Change k of the looped model between training steps (a new training phase).
+
+        Unique parameters, optimizer state and the pipeline layout stay; the DDP bucket
+        groups re-learn how often each parameter's gradient hook fires per step (it
+        depends on k with activation recomputation), see :mod:`megatron_growloop.looping.ddp`.
+        """
+        model = self.unwrapped
+        model.set_loop_repeats(repeats)
+        self.loop = model.config.loop
+        reset_grad_ready_counts(self.model)
+        self._grad_sync_schedule = tuple(model.schedule)
+
+    def _apply_loop_repeats_schedule(self) -> None:
+        """``--loop-repeats-schedule``: set k for the coming step."""
+        sched = getattr(self.args, "loop_repeats_schedule_parsed", None)
+        if not sched or not self.loop:
+            return
+        current = LoopSpec.parse(self.loop).repeats
+        k = repeats_at(sched, self.state.iteration, self._base_repeats)
+        if k != current:
+            self.set_loop_repeats(k)
+            if getattr(self, "logger", None) is not None:
+                self.logger.text(
+                    f"iteration {self.state.iteration}: loop repeats {current} -> {k} "
+                    f"(Loop({self.loop}), effective depth {self.unwrapped.effective_depth})"
+                )
 
     def _build_scheduler(self) -> OptimizerParamScheduler:
         a = self.args
@@ -263,15 +294,25 @@ class Trainer:
     def save(self) -> Optional[str]:
         if not self.args.save:
             return None
-        path = checkpointing.save_checkpoint(
-            self.args.save,
-            self.state.iteration,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            common={"state": self.state.to_dict()},
-            metadata=self.checkpoint_metadata(),
-        )
+        # With --overlap-param-gather the all-gather of the updated parameters is deferred to
+        # the next forward pass; gather now so the saved weights are current (as Megatron-LM
+        # does by disabling the forward pre-hooks around a save).
+        hooked = [m for m in self.model if getattr(m, "use_forward_hook", False)]
+        for m in hooked:
+            m.disable_forward_pre_hook(param_sync=True)
+        try:
+            path = checkpointing.save_checkpoint(
+                self.args.save,
+                self.state.iteration,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                common={"state": self.state.to_dict()},
+                metadata=self.checkpoint_metadata(),
+            )
+        finally:
+            for m in hooked:
+                m.enable_forward_pre_hook()
         return path
 
     def _resolve_resume(self) -> None:
@@ -296,22 +337,12 @@ class Trainer:
                 )
             self.padded_vocab_size = ckpt_vocab
         self.num_layers = int(arch.get("num_layers", self.num_layers))
-        self.loop = arch.get("loop")
+        # the checkpoint's loop, turned by --retrofit-loop / --loop-repeats (validated at parse time)
+        self.loop = resolve_loop(a, arch)
         if meta.get("lineage") and not a.finetune:
             self.state.lineage = meta["lineage"]
         elif len(self.state.lineage) != self.num_layers:
             self.state.lineage = [l.to_dict() for l in initial_lineage(self.num_layers)]
-        if a.retrofit_loop:
-            if self.loop:
-                raise UsageError(
-                    f"--load {a.load!r} is already looped ({self.loop}); change its k with --loop-repeats"
-                )
-            block = RepeatBlock.parse(a.retrofit_loop, what="--retrofit-loop")
-            self.loop = str(LoopSpec.from_block(self.num_layers, block))
-        if a.loop_repeats is not None:
-            if not self.loop:
-                raise UsageError(f"--loop-repeats: the checkpoint {a.load!r} has no loop")
-            self.loop = str(LoopSpec.parse(self.loop).with_repeats(a.loop_repeats))
         self._load_meta = meta
 
     def _load(self) -> None:
@@ -414,6 +445,10 @@ class Trainer:
         return float(total[0] / total[1].clamp(min=1))
 
     def train_step(self) -> Dict[str, Any]:
+        schedule = tuple(self.unwrapped.schedule)
+        if self._grad_sync_schedule is not None and schedule != self._grad_sync_schedule:
+            reset_grad_ready_counts(self.model)  # the schedule changed behind set_loop_repeats' back
+        self._grad_sync_schedule = schedule
         if self.cooldown_ds is not None and not self._in_cooldown and self.state.iteration >= self.args.cooldown_start_iter:
             self._make_iterators()
         for m in self.model:
@@ -459,6 +494,7 @@ class Trainer:
         if a.load:
             self._load()
         self.build_data()
+        self._base_repeats = LoopSpec.parse(self.loop).repeats if self.loop else None
         if self.growth_plan is not None:
             from ..growth.apply import check_resume_depth
 
@@ -519,6 +555,7 @@ class Trainer:
 
                 if maybe_grow(self):
                     shape = accounting.ArchShape.from_config(self.config, self.padded_vocab_size, self.tied)
+            self._apply_loop_repeats_schedule()
             t0 = time.perf_counter()
             out = self.train_step()
             dt = time.perf_counter() - t0
