@@ -35,22 +35,44 @@ def hf_checkpoint(hf_dir: str) -> str:
     """A megatron checkpoint converted from the Hugging Face directory ``hf_dir`` (cached).
 
     Uses :func:`megatron_growloop.convert.hf_to_mcore`; the conversion is keyed by the
-    directory's path and file modification times and reused afterwards.
+    directory's path and its files' sizes and modification times, and reused afterwards.
+    Conversion runs in a single process: inside a multi-rank job it runs in a child
+    process.
     """
     src = Path(hf_dir)
     if not src.is_dir() or not (src / "config.json").exists():
         raise UsageError(f"--hf {hf_dir!r} is not a Hugging Face model directory (no config.json)")
     try:
-        from ..convert import hf_to_mcore
+        import megatron_growloop.convert  # noqa: F401
     except ImportError:
-        raise UsageError("--hf needs megatron_growloop.convert (the Hugging Face converter), which is not installed") from None
+        raise UsageError("--hf needs megatron_growloop.convert (the Hugging Face converter), which is missing") from None
     from ..paths import cache_dir
 
     stamp = "|".join(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in sorted(src.iterdir()) if p.is_file())
     key = hashlib.md5(f"{src.resolve()}|{stamp}".encode()).hexdigest()[:16]
     out = cache_dir() / "eval_hf" / key
-    if not (out / "latest_checkpointed_iteration.txt").exists():
-        hf_to_mcore(str(src), str(out))
+    if (out / "latest_checkpointed_iteration.txt").exists():
+        return str(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    import torch.distributed as dist
+
+    try:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            import subprocess
+            import sys
+
+            code = "import sys; from megatron_growloop.convert import hf_to_mcore; hf_to_mcore(sys.argv[1], sys.argv[2])"
+            proc = subprocess.run([sys.executable, "-c", code, str(src), str(out)], capture_output=True, text=True)
+            if proc.returncode != 0 and not (out / "latest_checkpointed_iteration.txt").exists():
+                last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
+                raise UsageError(f"converting --hf {hf_dir!r} failed: {last}")
+        else:
+            from ..convert import hf_to_mcore
+
+            hf_to_mcore(str(src), str(out))
+    except UsageError:
+        if not (out / "latest_checkpointed_iteration.txt").exists():  # not just lost a race
+            raise
     return str(out)
 
 
@@ -69,8 +91,12 @@ def load_for_eval(
         raise UsageError("give exactly one of --load CHECKPOINT or --hf HF_DIR")
     for b in repeat_blocks:
         RepeatBlock.parse(b, what="--repeat-block")
-    init_parallel(tp, pp)
-    ckpt = load if load else _hf_checkpoint_on_all_ranks(hf)
+    if hf and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        ckpt = hf_checkpoint(hf)  # converts in this process before the parallel state is set up
+        init_parallel(tp, pp)
+    else:
+        init_parallel(tp, pp)
+        ckpt = load if load else _hf_checkpoint_on_all_ranks(hf)
     from ..model.loading import load_model
 
     model, meta, tok = load_model(ckpt, loop_repeats=loop_repeats, repeat_blocks=list(repeat_blocks),
