@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import run_module as _run_module
+from conftest import run_module
 from eval_fixtures import tiny_ckpts  # noqa: F401
 from megatron_growloop.eval import cli, scoring
 from megatron_growloop.eval.engine import LogProbEngine
@@ -18,21 +18,6 @@ from megatron_growloop.eval.engine import LogProbEngine
 MOD = "megatron_growloop.eval"
 TASKS, LIMIT, SHOTS, TEMPLATE = "copy_real,va_math_d1", 4, 1, "continuation"
 TASK_ARGS = ["--tasks", TASKS, "--limit", str(LIMIT), "--num-fewshot", str(SHOTS), "--template", TEMPLATE]
-
-
-_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-def run_module(*args, **kwargs):
-    """conftest.run_module without this process's rendezvous variables: the in-process group
-    (dist_1rank) put RANK/MASTER_PORT into os.environ, and a child would try to reuse them."""
-    import os
-
-    saved = {k: os.environ.pop(k) for k in _RENDEZVOUS if k in os.environ}
-    try:
-        return _run_module(*args, **kwargs)
-    finally:
-        os.environ.update(saved)
 
 
 def _primitives(ckpt, out, extra=(), nproc=1):
