@@ -31,7 +31,9 @@ def _agree_everywhere(ok: bool) -> bool:
     """True only if ``ok`` on every rank (a schedule change must succeed on all stages)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    from .. import platform
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=platform.device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
