@@ -202,3 +202,34 @@ def icl_sweep(
     out["config"] = {"limit": limit, "seed": seed, "template": primitives.get_template(template).name,
                      "max_length": max_length}
     return out
+
+
+def repeat_block_table(result: Dict[str, Any], metric: str = "acc_norm", stderr: bool = True) -> str:
+    """A markdown table of a repeat-block sweep: one row per task (+ mean), one column for the
+    unmodified model (R = 1) and one per (start, R > 1); values in percent."""
+    starts, repeats = result["starts"], result["repeats"]
+    cols = []
+    if 1 in repeats:
+        cols.append(("R=1 (model)", repeats.index(1), 0))
+    for j, s in enumerate(starts):
+        for i, r in enumerate(repeats):
+            if r != 1:
+                cols.append((f"{s}:{s + result['block_size']} R={r}", i, j))
+    head = "| task | " + " | ".join(c[0] for c in cols) + " |"
+    sep = "| --- |" + " ---: |" * len(cols)
+    lines = [head, sep]
+    for name in list(result["tasks"]) + ["mean"]:
+        cells = []
+        for _, i, j in cols:
+            v = result[metric][name][i][j]
+            if v is None:
+                cells.append("--")
+                continue
+            txt = f"{100 * v:.0f}"
+            if stderr and name != "mean":
+                se = result["stderr"][metric][name][i][j]
+                txt += f" ± {100 * se:.0f}"
+            cells.append(txt)
+        label = f"**{name}**" if name == "mean" else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
