@@ -1,0 +1,327 @@
+"""``python -m megatron_growloop.eval {primitives,nll,sweep,lm-eval,export-tasks}``.
+
+Runs in a plain process or under ``torchrun`` (TP/PP via
+``--tensor-model-parallel-size`` / ``--pipeline-model-parallel-size``; remaining
+ranks are data parallel).  Every rank runs the same driver loop in lock-step; only
+global rank 0 prints results and writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ..errors import UsageError, cli_errors
+
+PROG = "megatron_growloop.eval"
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _model_args(p) -> None:
+    g = p.add_argument_group("model")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--load", help="checkpoint directory (a --save dir or one iter_* dir)")
+    src.add_argument("--hf", help="Hugging Face model directory (converted with megatron_growloop.convert)")
+    g.add_argument("--repeat-block", action="append", default=[], metavar="S:E:R",
+                   help="run effective-depth positions S..E-1 R times in total (repeatable)")
+    g.add_argument("--loop-repeats", type=int, default=None, help="change k of a looped model")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per forward (full scoring)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="longest sequence a forward may see (default: the model's max positions)")
+    g.add_argument("--no-shared-context", action="store_true",
+                   help="score every choice with its own full forward (no KV-cache reuse of the prompt)")
+
+
+def _task_args(p, with_fewshot: bool = True) -> None:
+    g = p.add_argument_group("tasks")
+    g.add_argument("--tasks", default="all", help="'all', a group (copy, va, va_math, va_d1) or comma-separated names")
+    g.add_argument("--limit", type=int, default=100, help="items per task")
+    if with_fewshot:
+        g.add_argument("--num-fewshot", type=int, default=5, help="in-context examples per prompt")
+    g.add_argument("--template", default="fill_blank", help="fill_blank (paper App. D) or continuation")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Evaluate megatron_growloop models: reasoning primitives, "
+                "held-out NLL, block-repeat / in-context sweeps, lm-evaluation-harness.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("primitives", help="the 11 reasoning primitives (multiple choice, log-likelihood)")
+    _model_args(s)
+    _task_args(s)
+    s.add_argument("--out", default=None, help="results JSON")
+    s.add_argument("--log-samples", action="store_true", help="store per-item log-likelihoods in the JSON")
+
+    s = sub.add_parser("nll", help="held-out negative log-likelihood on an indexed dataset")
+    _model_args(s)
+    s.add_argument("--data-path", nargs="+", default=None, help="PREFIX or 'W1 P1 W2 P2'; default: embedded corpus")
+    s.add_argument("--split", default="969,30,1")
+    s.add_argument("--split-name", default="valid", choices=["train", "valid", "test"])
+    s.add_argument("--num-samples", type=int, default=64)
+    s.add_argument("--seq-length", type=int, default=None, help="default: the model's training sequence length")
+    s.add_argument("--micro-batch-size", type=int, default=4)
+    s.add_argument("--data-seed", type=int, default=1234, help="the dataset seed (pretraining's --seed)")
+    s.add_argument("--data-cache-path", default=None)
+    s.add_argument("--out", default=None)
+
+    s = sub.add_parser("sweep", help="repeat-block or in-context-example sweeps (JSON + PNG)")
+    ssub = s.add_subparsers(dest="sweep", required=True, parser_class=_Parser)
+    r = ssub.add_parser("repeat-block", help="accuracy over block start x total applications R")
+    _model_args(r)
+    _task_args(r)
+    r.add_argument("--block-size", type=int, default=4)
+    r.add_argument("--starts", default="all", help="comma-separated start positions, or 'all'")
+    r.add_argument("--repeats", default="1,2,3", help="comma-separated R values (1 = unmodified)")
+    r.add_argument("--metric", default="acc_norm", choices=["acc", "acc_norm"], help="metric plotted")
+    r.add_argument("--out", required=True, help="results JSON")
+    r.add_argument("--plot", default=None, help="PNG (default: next to --out)")
+    i = ssub.add_parser("icl", help="accuracy over the number of in-context examples")
+    _model_args(i)
+    _task_args(i, with_fewshot=False)
+    i.add_argument("--shots", default=None, help="comma-separated shot counts (default: 0,1,2,3,5,8,10,15,20,...)")
+    i.add_argument("--context-length", type=int, default=None,
+                   help="largest prompt+answer in tokens (default: the model's training sequence length)")
+    i.add_argument("--metric", default="acc_norm", choices=["acc", "acc_norm"], help="metric plotted")
+    i.add_argument("--out", required=True)
+    i.add_argument("--plot", default=None)
+
+    s = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks (rp_* primitives are local)")
+    _model_args(s)
+    s.add_argument("--tasks", default="reasoning_primitives",
+                   help="lm-eval task names; rp_<primitive> and the tag reasoning_primitives are generated locally")
+    s.add_argument("--limit", type=int, default=None)
+    s.add_argument("--num-fewshot", type=int, default=5, help="in-context examples baked into rp_* prompts")
+    s.add_argument("--template", default="fill_blank")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-items", type=int, default=1000, help="items generated per rp_* task")
+    s.add_argument("--lm-num-fewshot", type=int, default=None, help="lm-eval --num_fewshot for other tasks")
+    s.add_argument("--out", default=None)
+
+    s = sub.add_parser("export-tasks", help="write the primitives as local lm-eval tasks (JSONL + YAML)")
+    s.add_argument("--dir", required=True)
+    _task_args(s)
+    s.add_argument("--num-items", type=int, default=1000)
+    return p
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _log(msg: str) -> None:
+    from .parallel import is_driver
+
+    if is_driver():
+        print(msg, flush=True)
+
+
+def _write_json(path: Optional[str], obj: Dict[str, Any]) -> None:
+    from .parallel import is_driver
+
+    if not path or not is_driver():
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+    print(f"wrote {path}", flush=True)
+
+
+def _load(args):
+    from .loader import describe_model, load_for_eval
+
+    model, meta, tok = load_for_eval(
+        load=args.load, hf=args.hf, loop_repeats=args.loop_repeats, repeat_blocks=args.repeat_block,
+        tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+        transformer_impl=args.transformer_impl, bf16=args.bf16,
+    )
+    return model, meta, tok, describe_model(model, meta)
+
+
+def _engine(args, model, tok):
+    from .engine import LogProbEngine
+
+    return LogProbEngine(model, tok, max_length=args.max_length, batch_size=args.batch_size,
+                         use_cache=not args.no_shared_context)
+
+
+def _validate_task_args(args) -> None:
+    from . import primitives
+
+    primitives.resolve_tasks(args.tasks)
+    primitives.get_template(args.template)
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    if getattr(args, "num_fewshot", 0) is not None and getattr(args, "num_fewshot", 0) < 0:
+        raise UsageError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+
+
+def _token_length(engine):
+    def length(item) -> int:
+        return max(len(c) + len(x) - 1 for c, x in (engine.encode_pair(*r) for r in item.requests()))
+
+    return length
+
+
+def _check_fits(engine, tasks, limit, seed, num_fewshot, template) -> None:
+    """Fail early (one line) when a prompt is longer than the model's context."""
+    from . import primitives
+
+    length = _token_length(engine)
+    for name in primitives.resolve_tasks(tasks):
+        # The longest prompts are the deepest ones; check every item (tokenising is cheap).
+        items = primitives.generate_task(name, limit, seed=seed, num_fewshot=num_fewshot, template=template)
+        longest = max(length(it) for it in items)
+        if longest > engine.max_length:
+            raise UsageError(
+                f"task {name} with --num-fewshot {num_fewshot}: prompts of up to {longest} tokens exceed the "
+                f"model's context length of {engine.max_length} tokens (use a smaller --num-fewshot)"
+            )
+
+
+# ---------------------------------------------------------------------------------- commands
+def cmd_primitives(args) -> Dict[str, Any]:
+    from . import scoring
+
+    _validate_task_args(args)
+    model, meta, tok, info = _load(args)
+    engine = _engine(args, model, tok)
+    _check_fits(engine, args.tasks, args.limit, args.seed, args.num_fewshot, args.template)
+    _log(f"model: {info['num_layers']} layers, schedule {info['schedule']}")
+    t0 = time.time()
+    res = scoring.evaluate_primitives(engine, args.tasks, limit=args.limit, seed=args.seed,
+                                      num_fewshot=args.num_fewshot, template=args.template, log=_log)
+    if not args.log_samples:
+        res.pop("samples")
+    res["model"] = info
+    res["metric_note"] = ("acc: argmax of summed log-likelihood; acc_norm: argmax of log-likelihood / "
+                          "len(choice) in characters (lm-eval); stderr: sample std / sqrt(n)")
+    res["seconds"] = time.time() - t0
+    _log(f"mean acc {res['summary']['mean_acc']:.3f}  mean acc_norm {res['summary']['mean_acc_norm']:.3f}")
+    _write_json(args.out, res)
+    return res
+
+
+def cmd_nll(args) -> Dict[str, Any]:
+    from .nll import build_eval_dataset, heldout_nll
+
+    model, meta, tok, info = _load(args)
+    engine = _engine(args, model, tok)
+    seq = args.seq_length or int(meta["arch"]["seq_length"])
+    if seq > engine.max_length:
+        raise UsageError(f"--seq-length {seq} exceeds the model's context length of {engine.max_length} tokens")
+    if args.micro_batch_size < 1:
+        raise UsageError(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
+    ds = build_eval_dataset(tok, seq, args.num_samples, args.data_path, args.split, args.split_name,
+                            args.data_seed, args.data_cache_path)
+    res = heldout_nll(engine, ds, args.num_samples, args.micro_batch_size)
+    res.update(model=info, data_path=args.data_path or "embedded default corpus", split=args.split,
+               split_name=args.split_name, seq_length=seq)
+    _log(f"held-out NLL {res['nll']:.4f} nats/token (perplexity {res['perplexity']:.2f}) over {res['tokens']} "
+         f"tokens in {res['samples']} samples")
+    _write_json(args.out, res)
+    return res
+
+
+def cmd_sweep_repeat(args) -> Dict[str, Any]:
+    from . import plots, sweeps
+
+    _validate_task_args(args)
+    model, meta, tok, info = _load(args)
+    engine = _engine(args, model, tok)
+    _check_fits(engine, args.tasks, args.limit, args.seed, args.num_fewshot, args.template)
+    starts = None if args.starts == "all" else _int_list(args.starts)
+    res = sweeps.repeat_block_sweep(model, engine, args.tasks, block_size=args.block_size, starts=starts,
+                                    repeats=_int_list(args.repeats), limit=args.limit, seed=args.seed,
+                                    num_fewshot=args.num_fewshot, template=args.template, log=_log)
+    res["model"] = info
+    res["plot_metric"] = args.metric
+    _write_json(args.out, res)
+    from .parallel import is_driver
+
+    if is_driver():
+        path = args.plot or str(Path(args.out).with_suffix(".png"))
+        plots.plot_repeat_block(res, path, metric=args.metric)
+        print(f"wrote {path}", flush=True)
+    return res
+
+
+def cmd_sweep_icl(args) -> Dict[str, Any]:
+    from . import plots, sweeps
+
+    _validate_task_args(args)
+    model, meta, tok, info = _load(args)
+    engine = _engine(args, model, tok)
+    ctx = args.context_length or int(meta["arch"]["seq_length"])
+    if ctx > engine.max_length:
+        raise UsageError(f"--context-length {ctx} exceeds the model's context length of {engine.max_length} tokens")
+    shots = _int_list(args.shots) if args.shots else None
+    res = sweeps.icl_sweep(engine, args.tasks, shots=shots, max_length=ctx, token_length=_token_length(engine),
+                           limit=args.limit, seed=args.seed, template=args.template, log=_log)
+    res["model"] = info
+    res["plot_metric"] = args.metric
+    _write_json(args.out, res)
+    from .parallel import is_driver
+
+    if is_driver():
+        path = args.plot or str(Path(args.out).with_suffix(".png"))
+        plots.plot_icl(res, path, metric=args.metric)
+        print(f"wrote {path}", flush=True)
+    return res
+
+
+def cmd_lm_eval(args) -> Dict[str, Any]:
+    from .lm_eval_run import run_lm_eval
+
+    return run_lm_eval(args, _load, _write_json, _log)
+
+
+def cmd_export(args) -> Dict[str, Any]:
+    from . import lm_tasks
+
+    _validate_task_args(args)
+    names = lm_tasks.write_tasks(args.dir, args.tasks, n=args.num_items, seed=args.seed,
+                                 num_fewshot=args.num_fewshot, template=args.template)
+    print(f"wrote {len(names)} lm-eval tasks to {args.dir}: {', '.join(names)}", flush=True)
+    return {"tasks": names, "dir": args.dir}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    with cli_errors(PROG):
+        args = build_parser().parse_args(argv)
+        if args.command == "primitives":
+            out = cmd_primitives(args)
+        elif args.command == "nll":
+            out = cmd_nll(args)
+        elif args.command == "sweep":
+            out = cmd_sweep_repeat(args) if args.sweep == "repeat-block" else cmd_sweep_icl(args)
+        elif args.command == "lm-eval":
+            out = cmd_lm_eval(args)
+        else:
+            out = cmd_export(args)
+        if args.command != "export-tasks":
+            from ..training.initialize import teardown
+
+            teardown()
+        return out

@@ -1,0 +1,105 @@
+"""PNG plots of the sweeps (matplotlib, Agg backend), with the model's block structure marked."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+from .loader import model_label
+
+
+def _mpl():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _structure_lines(ax, model: Dict[str, Any], axis: str = "x", offset: float = -0.5) -> None:
+    """Mark loop / repeat-block boundaries (solid) and growth-lineage boundaries (dashed)."""
+    draw = ax.axvline if axis == "x" else ax.axhline
+    for b in model.get("boundaries") or []:
+        draw(b + offset, color="black", lw=1.2, ls="-", alpha=0.8)
+    for b in model.get("grown_boundaries") or []:
+        draw(b + offset, color="tab:red", lw=1.0, ls="--", alpha=0.8)
+
+
+def plot_repeat_block(result: Dict[str, Any], path: str, metric: str = "acc_norm") -> str:
+    """One heatmap per task (+ the task mean): block start (x) x total applications R (y).
+
+    Vertical lines: solid at loop / repeat-block boundaries of the evaluated model,
+    dashed red where growth-lineage changes, dotted grey every ``block_size`` positions.
+    """
+    plt = _mpl()
+    import numpy as np
+
+    names = list(result["tasks"]) + ["mean"]
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    starts, repeats = result["starts"], result["repeats"]
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1.0, 2.6 * rows + 0.9), squeeze=False,
+                             layout="constrained")
+    model = result.get("model", {})
+    for ax, name in zip(axes.flat, names):
+        data = np.array([[np.nan if v is None else v for v in row] for row in result[metric][name]], dtype=float)
+        im = ax.imshow(data, origin="lower", aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis",
+                       extent=(starts[0] - 0.5, starts[-1] + 0.5, -0.5, len(repeats) - 0.5))
+        ax.set_yticks(range(len(repeats)))
+        ax.set_yticklabels([str(r) for r in repeats])
+        ax.set_title(name + ("" if name == "mean" else f" (chance {result['chance'][name]:.0%})"), fontsize=9)
+        ax.set_xlabel("block start (effective depth)", fontsize=8)
+        ax.set_ylabel("R (applications)", fontsize=8)
+        bs = result["block_size"]
+        for b in range(0, (starts[-1] if starts else 0) + 1, bs):
+            ax.axvline(b - 0.5, color="grey", lw=0.6, ls=":")
+        _structure_lines(ax, model)
+        if data.size <= 120:
+            for (i, j), v in np.ndenumerate(data):
+                if not np.isnan(v):
+                    ax.text(starts[0] + j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
+                            color="white" if v < 0.6 else "black")
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=metric)
+    fig.suptitle(f"Repeating a {result['block_size']}-layer block ({metric}) -- {model_label(model) if model else ''}",
+                 fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_icl(result: Dict[str, Any], path: str, metric: str = "acc_norm") -> str:
+    """Accuracy vs number of in-context examples, one line per task, chance dashed."""
+    plt = _mpl()
+    model = result.get("model", {})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in result["tasks"]:
+        ks = result["shots"].get(name) or []
+        if not ks:
+            continue
+        ax.plot(ks, [100 * v for v in result[metric][name]], marker="o", ms=3, label=name)
+    chances = sorted(set(result.get("chance", {}).values()))
+    for c in chances:
+        ax.axhline(100 * c, color="grey", ls="--", lw=0.8)
+    all_ks = sorted({k for n in result["tasks"] for k in (result["shots"].get(n) or [])})
+    if all_ks and all_ks[-1] > 20:
+        ax.set_xscale("symlog", linthresh=1)
+    if all_ks:
+        ax.set_xticks(all_ks)
+        ax.set_xticklabels([str(k) for k in all_ks], fontsize=7)
+    ax.set_xlabel("in-context examples")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(f"In-context examples -- {model_label(model) if model else ''}", fontsize=9)
+    if model.get("effective_depth"):
+        sched = model.get("schedule") or []
+        ax.text(0.01, 0.01, "schedule: " + " ".join(map(str, sched))[:120] +
+                (f"  | block boundaries {model['boundaries']}" if model.get("boundaries") else ""),
+                transform=ax.transAxes, fontsize=6, color="dimgrey")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

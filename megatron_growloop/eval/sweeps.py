@@ -1,0 +1,202 @@
+"""Sweeps of the paper's inference-time experiments.
+
+* :func:`repeat_block_sweep` -- accuracy when a contiguous block of ``block_size``
+  applications starting at position ``s`` runs ``R`` times in total (paper Fig. 6,
+  12, 18, 19; ``R = 1`` is the unmodified model).  The schedule is changed on the
+  live model (:meth:`GrowLoopGPTModel.set_repeat_blocks`); nothing is reloaded.
+* :func:`icl_sweep` -- accuracy over the number of in-context examples, up to the
+  largest number whose prompts fit the context length (paper Fig. 7, 16).
+
+Both evaluate the same items for every configuration (the items of a task depend only
+on ``(task, seed, index)``), so differences between cells are paired.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UsageError
+from ..looping.spec import RepeatBlock
+from . import metrics, primitives
+from .scoring import Scorer, evaluate_items
+
+DEFAULT_SHOTS = (0, 1, 2, 3, 5, 8, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300, 400, 500)
+
+
+def _agree_everywhere(ok: bool) -> bool:
+    """True only if ``ok`` on every rank (a schedule change must succeed on all stages)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _set_blocks(model, blocks: List[str]) -> Optional[str]:
+    """Install repeat blocks on every rank; returns an error message (and keeps the old
+    schedule everywhere) if any pipeline stage cannot run it."""
+    old = list(model.config.repeat_blocks)
+    err = None
+    try:
+        model.set_repeat_blocks(blocks)
+    except UsageError as exc:
+        err = str(exc)
+    if not _agree_everywhere(err is None):
+        if err is None:
+            model.set_repeat_blocks(old)
+            err = "another pipeline stage cannot run this schedule"
+        return err
+    return None
+
+
+def repeat_block_sweep(
+    model,
+    scorer: Scorer,
+    tasks="all",
+    block_size: int = 4,
+    starts: Optional[Sequence[int]] = None,
+    repeats: Sequence[int] = (1, 2, 3),
+    limit: int = 100,
+    seed: int = 0,
+    num_fewshot: int = primitives.DEFAULT_NUM_FEWSHOT,
+    template=primitives.DEFAULT_TEMPLATE,
+    log: Optional[Callable[[str], None]] = None,
+) -> Dict[str, Any]:
+    """``acc[task][start][R]`` (and ``acc_norm``) for blocks ``[s, s+block_size)`` run R times."""
+    names = primitives.resolve_tasks(tasks)
+    base = list(model.config.repeat_blocks)
+    depth = model.effective_depth
+    if block_size < 1 or block_size > depth:
+        raise UsageError(f"--block-size {block_size} must be in 1..{depth} (the model's effective depth)")
+    if starts is None:
+        starts = list(range(0, depth - block_size + 1))
+    starts = [int(s) for s in starts]
+    for s in starts:
+        if s < 0 or s + block_size > depth:
+            raise UsageError(
+                f"repeat block {s}:{s + block_size} lies outside the model: its effective depth is {depth} "
+                f"(starts 0..{depth - block_size} are valid for --block-size {block_size})"
+            )
+    repeats = sorted({int(r) for r in repeats})
+    if not repeats or repeats[0] < 1:
+        raise UsageError(f"--repeats must be integers >= 1, got {list(repeats)}")
+    items = {n: primitives.generate_task(n, limit, seed=seed, num_fewshot=num_fewshot, template=template)
+             for n in names}
+
+    def run_all(tag: str) -> Dict[str, Dict[str, Any]]:
+        out = {}
+        t0 = time.time()
+        for n in names:
+            res, _ = evaluate_items(scorer, items[n])
+            out[n] = res.to_dict()
+        if log:
+            mean = sum(r["acc"] for r in out.values()) / len(out)
+            mean_n = sum(r["acc_norm"] for r in out.values()) / len(out)
+            log(f"{tag:>14s}: mean acc {mean:.3f}  acc_norm {mean_n:.3f}  ({time.time() - t0:.1f}s)")
+        return out
+
+    cells: Dict[str, Dict[str, Any]] = {}
+    skipped: Dict[str, str] = {}
+    try:
+        baseline = run_all("baseline R=1") if 1 in repeats else None
+        for s in starts:
+            for r in repeats:
+                key = f"{s}:{r}"
+                if r == 1:
+                    cells[key] = baseline
+                    continue
+                block = str(RepeatBlock(s, s + block_size, r))
+                err = _set_blocks(model, base + [block])
+                if err:
+                    skipped[key] = err
+                    if log:
+                        log(f"{block:>14s}: skipped ({err})")
+                    continue
+                cells[key] = run_all(block)
+    finally:
+        _set_blocks(model, base)
+
+    def table(metric: str) -> Dict[str, List[List[Optional[float]]]]:
+        t = {}
+        for n in names + ["mean"]:
+            rows = []
+            for r in repeats:
+                row = []
+                for s in starts:
+                    c = cells.get(f"{s}:{r}")
+                    if c is None:
+                        row.append(None)
+                    elif n == "mean":
+                        row.append(sum(v[metric] for v in c.values()) / len(c))
+                    else:
+                        row.append(c[n][metric])
+                rows.append(row)
+            t[n] = rows
+        return t
+
+    return {
+        "kind": "repeat_block",
+        "tasks": names,
+        "block_size": block_size,
+        "starts": starts,
+        "repeats": repeats,
+        "acc": table("acc"),
+        "acc_norm": table("acc_norm"),
+        "stderr": {k: v for k, v in (("acc", table("acc_stderr")), ("acc_norm", table("acc_norm_stderr")))},
+        "chance": {n: primitives.get_task(n).chance for n in names},
+        "skipped": skipped,
+        "config": {"limit": limit, "seed": seed, "num_fewshot": num_fewshot,
+                   "template": primitives.get_template(template).name, "base_repeat_blocks": base},
+    }
+
+
+def icl_sweep(
+    scorer: Scorer,
+    tasks="all",
+    shots: Optional[Sequence[int]] = None,
+    max_length: Optional[int] = None,
+    token_length: Optional[Callable[[primitives.Item], int]] = None,
+    limit: int = 100,
+    seed: int = 0,
+    template=primitives.DEFAULT_TEMPLATE,
+    log: Optional[Callable[[str], None]] = None,
+) -> Dict[str, Any]:
+    """Accuracy per number of in-context examples; a shot count is evaluated only while
+    every item's prompt plus its longest choice fits ``max_length`` tokens (measured by
+    ``token_length(item)``); larger counts are listed under ``did_not_fit``."""
+    names = primitives.resolve_tasks(tasks)
+    shots = sorted({int(k) for k in (shots if shots is not None else DEFAULT_SHOTS)})
+    if not shots or shots[0] < 0:
+        raise UsageError(f"--shots must be integers >= 0, got {list(shots)}")
+    out: Dict[str, Any] = {"kind": "icl", "tasks": names, "shots": {}, "acc": {}, "acc_norm": {},
+                           "acc_stderr": {}, "acc_norm_stderr": {}, "did_not_fit": {}, "max_prompt_tokens": {}}
+    for n in names:
+        ks, acc, accn, se, sen, lens = [], [], [], [], [], []
+        for k in shots:
+            items = primitives.generate_task(n, limit, seed=seed, num_fewshot=k, template=template)
+            if token_length is not None and max_length is not None:
+                longest = max(token_length(it) for it in items)
+                if longest > max_length:
+                    out["did_not_fit"][n] = {"shots": k, "tokens": longest, "max_length": max_length}
+                    break
+                lens.append(longest)
+            t0 = time.time()
+            res, _ = evaluate_items(scorer, items)
+            ks.append(k)
+            acc.append(res.acc)
+            accn.append(res.acc_norm)
+            se.append(res.acc_stderr)
+            sen.append(res.acc_norm_stderr)
+            if log:
+                log(f"{n:14s} {k:4d}-shot: acc {res.acc:.3f}  acc_norm {res.acc_norm:.3f}  ({time.time() - t0:.1f}s)")
+        out["shots"][n], out["acc"][n], out["acc_norm"][n] = ks, acc, accn
+        out["acc_stderr"][n], out["acc_norm_stderr"][n] = se, sen
+        out["max_prompt_tokens"][n] = lens
+    out["chance"] = {n: primitives.get_task(n).chance for n in names}
+    out["config"] = {"limit": limit, "seed": seed, "template": primitives.get_template(template).name,
+                     "max_length": max_length}
+    return out
