@@ -27,6 +27,9 @@ def pytest_configure(config):
 
 def _env():
     env = dict(os.environ)
+    # An in-process group (dist_1rank) sets these; a child must not reuse its rendezvous port.
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(name, None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = "1"
     env["PYTHONWARNINGS"] = "ignore"

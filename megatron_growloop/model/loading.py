@@ -128,7 +128,7 @@ def load_model(
     if tokenizer and meta.get("tokenizer"):
         from ..data.tokenizer import build_tokenizer
 
-        t = meta["tokenizer"]
-        if t.get("type"):
-            tok = build_tokenizer(t["type"], t.get("model"))
+        tok_type, tok_model = checkpointing.tokenizer_source(meta)
+        if tok_type:
+            tok = build_tokenizer(tok_type, tok_model)
     return model, meta, tok

@@ -52,6 +52,9 @@ def build_parser(prog: str = "megatron_growloop.pretrain") -> argparse.ArgumentP
     g.add_argument("--seq-length", type=int)
     g.add_argument("--max-position-embeddings", type=int)
     g.add_argument("--rotary-base", type=float)
+    g.add_argument("--use-rope-scaling", dest="rope_scaling", action="store_true",
+                   help="Llama-3.x RoPE frequency scaling (megatron-core's; low/high factors 1/4, original context 8192)")
+    g.add_argument("--rope-scaling-factor", type=float, default=None, help="Llama-3.x RoPE scaling factor (default 8)")
     g.add_argument("--norm-epsilon", type=float)
     g.add_argument("--init-method-std", type=float)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
@@ -111,6 +114,9 @@ def build_parser(prog: str = "megatron_growloop.pretrain") -> argparse.ArgumentP
     g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the architecture (and the tokenizer, unless --tokenizer-model is given) from the --load "
+                        "checkpoint; explicitly given architecture flags still win")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration, optimizer and data position")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true", default=True,
                    help="always on: optimizer state is saved so it loads at any TP/PP/DP and depth")
@@ -145,6 +151,30 @@ def build_parser(prog: str = "megatron_growloop.pretrain") -> argparse.ArgumentP
     return p
 
 
+# Architecture fields --use-checkpoint-args takes from a checkpoint's ``arch`` record.
+CHECKPOINT_ARCH_ARGS = ARCH_ARGS + ("kv_channels", "rope_scaling_factor")
+CHECKPOINT_ARCH_FLAGS = ("untie_embeddings_and_output_weights", "rope_scaling")
+
+
+def apply_checkpoint_args(args) -> None:
+    """``--use-checkpoint-args``: fill the architecture flags not given on the command
+    line from the ``--load`` checkpoint (before the preset fills the rest)."""
+    if not args.load:
+        raise UsageError("--use-checkpoint-args needs --load CHECKPOINT")
+    from .checkpointing import read_metadata, tokenizer_source
+
+    meta = read_metadata(args.load)
+    arch = meta.get("arch") or {}
+    for name in CHECKPOINT_ARCH_ARGS:
+        if getattr(args, name, None) is None and arch.get(name) is not None:
+            setattr(args, name, arch[name])
+    for name in CHECKPOINT_ARCH_FLAGS:
+        setattr(args, name, bool(getattr(args, name, False)) or bool(arch.get(name, False)))
+    tok_type, tok_model = tokenizer_source(meta)
+    if args.tokenizer_model is None and tok_type:
+        args.tokenizer_type, args.tokenizer_model = tok_type, tok_model
+
+
 def apply_preset(args) -> None:
     """Fill architecture fields from ``--model-preset`` unless given explicitly."""
     preset = get_preset(args.model_preset)
@@ -155,6 +185,8 @@ def apply_preset(args) -> None:
             setattr(args, name, getattr(preset, name))
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
+    if args.rope_scaling_factor is None:
+        args.rope_scaling_factor = 8.0
     if args.kv_channels is None:
         if args.hidden_size % args.num_attention_heads:
             raise UsageError(
@@ -278,6 +310,8 @@ def _te_importable() -> bool:
 
 def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None):
     args = build_parser().parse_args(argv)
+    if args.use_checkpoint_args:
+        apply_checkpoint_args(args)
     apply_preset(args)
     validate_args(args, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
     return args

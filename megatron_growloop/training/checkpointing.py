@@ -84,6 +84,18 @@ def read_metadata(path: str) -> Dict[str, Any]:
     return meta
 
 
+def tokenizer_source(meta: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]]:
+    """``(tokenizer type, model)`` recorded in checkpoint metadata; a tokenizer directory
+    stored inside the checkpoint (``<iter dir>/tokenizer``, written by the HF converter)
+    is found even when the checkpoint was moved."""
+    tok = meta.get("tokenizer") or {}
+    model = tok.get("model")
+    local = Path(meta.get("_dir", "")) / "tokenizer"
+    if model and not Path(model).exists() and Path(model).name == "tokenizer" and local.is_dir():
+        model = str(local)
+    return tok.get("type"), model
+
+
 # ------------------------------------------------------------------------------------ RNG
 def _rng_state() -> Dict[str, Any]:
     return {

@@ -126,6 +126,8 @@ class Trainer:
             rotary_base=args.rotary_base,
             share_embeddings_and_output_weights=self.tied,
             transformer_impl=args.transformer_impl,
+            rope_scaling=bool(getattr(args, "rope_scaling", False)),
+            rope_scaling_factor=float(getattr(args, "rope_scaling_factor", None) or 8.0),
         )
         if platform.has_cuda():
             model.cuda(torch.cuda.current_device())
@@ -271,11 +273,13 @@ class Trainer:
         a = self.args
         meta = checkpointing.read_metadata(a.load)
         arch = meta.get("arch", {})
-        for name in ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size"):
-            if name in arch and arch[name] != getattr(a, name):
+        for name in ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
+                     "untie_embeddings_and_output_weights", "rope_scaling"):
+            if name in arch and arch[name] != getattr(a, name, None):
+                flag = "--use-rope-scaling" if name == "rope_scaling" else "--" + name.replace("_", "-")
                 raise UsageError(
                     f"--load {a.load!r} has {name}={arch[name]} but this run has "
-                    f"--{name.replace('_', '-')} {getattr(a, name)}"
+                    f"{flag} {getattr(a, name, None)} (pass --use-checkpoint-args to take the checkpoint's architecture)"
                 )
         if "padded_vocab_size" in arch and arch["padded_vocab_size"] != self.padded_vocab_size:
             ckpt_vocab = arch["padded_vocab_size"]
@@ -317,6 +321,13 @@ class Trainer:
                 lineage = self.state.lineage
                 self.state = TrainState(**st)
                 self.state.lineage = lineage
+        if not out["loaded_optimizer"]:
+            # Fresh optimizer state (--finetune, --no-load-optim, or a checkpoint without one, e.g. a
+            # converted Hugging Face model): its fp32 main params must start from the loaded weights.
+            self.optimizer.reload_model_params()
+        # The DistributedOptimizer copies loaded fp32 params back into the model params.
+        for m in self.model:
+            m.broadcast_params()
 
     # ------------------------------------------------------------------ data
     def build_data(self) -> None:

@@ -1,0 +1,39 @@
+"""Checkpoint conversion: Hugging Face Llama/SmolLM <-> megatron_growloop, looped export, resharding.
+
+Python API::
+
+    from megatron_growloop.convert import hf_to_mcore, mcore_to_hf, reshard, smollm2_hf_dir
+    ckpt = hf_to_mcore(smollm2_hf_dir(), "ckpts/smollm2")      # -> ckpts/smollm2/iter_0000000
+    mcore_to_hf("runs/looped", "hf/looped")                     # unrolled Llama + loop record
+
+CLI: ``python -m megatron_growloop.convert {hf-to-mcore,mcore-to-hf,reshard,verify} ...``
+(also ``tools/convert_checkpoint.py``).  See ``docs/conversion.md``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["hf_to_mcore", "mcore_to_hf", "reshard", "smollm2_hf_dir"]
+
+
+def hf_to_mcore(*args, **kwargs):
+    from .importer import hf_to_mcore as f
+
+    return f(*args, **kwargs)
+
+
+def mcore_to_hf(*args, **kwargs):
+    from .exporter import mcore_to_hf as f
+
+    return f(*args, **kwargs)
+
+
+def reshard(*args, **kwargs):
+    from .reshard import reshard as f
+
+    return f(*args, **kwargs)
+
+
+def smollm2_hf_dir():
+    from .fixtures import smollm2_hf_dir as f
+
+    return f()
