@@ -445,6 +445,6 @@ def _summary(out_dir: str, results: Dict[str, Any]) -> None:
     s: Dict[str, Any] = {}
     for name, r in results.items():
         if hasattr(r, "scalars"):
-            s[name] = {k: v for k, v in r.scalars.items() if not isinstance(v, list)}
+            s[r.kind] = {k: v for k, v in r.scalars.items() if not isinstance(v, list)}
             s["model"] = r.model
     Path(out_dir, "summary.json").write_text(json.dumps(s, indent=1, default=str) + "\n")

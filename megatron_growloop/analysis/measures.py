@@ -88,7 +88,7 @@ def depth_score(effects: Sequence[float]) -> float:
     total = m.sum()
     if total <= 0:
         return float("nan")
-    return float((np.arange(m.size) * m).sum() / total)
+    return float((np.arange(m.size) * (m / total)).sum())  # normalise first: a one-hot gives exactly k
 
 
 def layer_effect_vector(matrix: np.ndarray) -> np.ndarray:

@@ -94,6 +94,10 @@ class Result:
 
 def load_result(path) -> Result:
     """A result from its JSON file (or a directory + kind: ``load_result(dir / 'norms.json')``)."""
+    import importlib
+
+    for mod in ("depth", "norms", "local", "lens", "swap"):  # register the result classes
+        importlib.import_module(f"{__package__}.{mod}")
     p = Path(path)
     d = json.loads(p.read_text())
     cls = _REGISTRY.get(d.get("kind"))

@@ -31,15 +31,21 @@ from .access import AnalysisModel
 from .results import Result, draw_structure, mpl
 
 
-def swapped_schedule(schedule: Sequence[int], position: int, width: int = 1) -> List[int]:
-    """``schedule`` with positions ``[i, i+w)`` and ``[i+w, i+2w)`` exchanged (``width=0``: unchanged)."""
+def swapped_schedule(schedule: Sequence[int], position: int, width: int = 1, other: Optional[int] = None) -> List[int]:
+    """``schedule`` with the blocks at positions ``[i, i+w)`` and ``[j, j+w)`` exchanged, where
+    ``j = other`` (default ``i + w``: the adjacent block).  ``other == position`` leaves it unchanged
+    (the null swap)."""
     s = list(schedule)
-    if width == 0:
+    i, w = int(position), int(width)
+    j = i + w if other is None else int(other)
+    if w < 1 or min(i, j) < 0 or max(i, j) + w > len(s):
+        raise UsageError(f"swap of width {w} at positions {i} and {j} lies outside the effective depth {len(s)}")
+    if i == j:
         return s
-    if width < 0 or position < 0 or position + 2 * width > len(s):
-        raise UsageError(f"swap of width {width} at position {position} lies outside the effective depth {len(s)}")
-    i, w = position, width
-    return s[:i] + s[i + w:i + 2 * w] + s[i:i + w] + s[i + 2 * w:]
+    if abs(i - j) < w:
+        raise UsageError(f"swap of width {w}: blocks at {i} and {j} overlap")
+    a, b = sorted((i, j))
+    return s[:a] + s[b:b + w] + s[a + w:b] + s[a:a + w] + s[b + w:]
 
 
 @contextmanager
@@ -153,7 +159,7 @@ def layer_swap(am: AnalysisModel, task, widths: Sequence[int] = (1, 2), position
     noise = 0.0
     if probe is not None:
         ref = am.logits(probe)
-        with schedule_override(model, swapped_schedule(base_sched, 0, 0)):
+        with schedule_override(model, swapped_schedule(base_sched, 0, 1, other=0)):
             noise = float((am.logits(probe) - ref).abs().max())
     arrays: Dict[str, Any] = {}
     for w in widths:
