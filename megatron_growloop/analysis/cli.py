@@ -41,6 +41,26 @@ def _ints(text: str, what: str) -> List[int]:
     return vals
 
 
+def _positions(text: str) -> Optional[List[int]]:
+    """``all`` -> None; ``START:STOP:STEP`` -> range; else a comma-separated list."""
+    if text == "all":
+        return None
+    if ":" in text:
+        parts = text.split(":")
+        try:
+            a, b, c = (int(x) for x in (parts + ["1"])[:3]) if len(parts) in (2, 3) else (None, None, None)
+        except (TypeError, ValueError):
+            a = None
+        if a is None or c < 1 or a < 0 or b <= a:
+            raise UsageError(f"--swap-positions {text!r}: expected 'all', START:STOP[:STEP] with 0 <= START < STOP, "
+                             "or a comma-separated list")
+        return list(range(a, b, c))
+    vals = _ints(text, "--swap-positions")
+    if min(vals) < 0:
+        raise UsageError(f"--swap-positions {text!r}: positions must be >= 0")
+    return vals
+
+
 def _model_args(p) -> None:
     g = p.add_argument_group("model")
     src = g.add_mutually_exclusive_group(required=True)
@@ -58,7 +78,8 @@ def _model_args(p) -> None:
 def _prompt_args(p) -> None:
     g = p.add_argument_group("prompts")
     g.add_argument("--data", default="default",
-                   help="indexed dataset PREFIX, 'default' (embedded corpus), FILE.jsonl/.txt, or primitives[:TASKS]")
+                   help="indexed dataset PREFIX, 'default' (embedded corpus), 'pydoc' (Python's help text), "
+                        "FILE.jsonl/.txt, or primitives[:TASKS]")
     g.add_argument("--num-prompts", type=int, default=16)
     g.add_argument("--seq-len", type=int, default=128, help="tokens per prompt (longer ones are cut)")
     g.add_argument("--batch-size", type=int, default=2, help="prompts per forward")
@@ -98,6 +119,8 @@ def _swap_args(p) -> None:
     g.add_argument("--swap-task", default=None, help="a reasoning primitive or lambada:FILE.jsonl (default: --task)")
     g.add_argument("--swap-items", type=int, default=50)
     g.add_argument("--swap-widths", default="1,2", help="comma-separated block widths")
+    g.add_argument("--swap-positions", default="all",
+                   help="first positions of the swapped pairs: 'all', START:STOP:STEP or a comma-separated list")
 
 
 def _sweep_args(p, repeat: bool) -> None:
@@ -206,6 +229,8 @@ def _validate(args) -> None:
         args.swap_widths_list = _ints(args.swap_widths, "--swap-widths")
         if min(args.swap_widths_list) < 1:
             raise UsageError(f"--swap-widths {args.swap_widths!r}: widths must be >= 1")
+    if getattr(args, "swap_positions", None):
+        args.swap_positions_list = _positions(args.swap_positions)
     if getattr(args, "tasks", None):
         primitives.resolve_tasks(args.tasks)
     if getattr(args, "lens_load", None) and not Path(args.lens_load).is_dir():
@@ -328,7 +353,7 @@ def run_swap(args, am, prompts=None):
     spec = args.swap_task or args.task
     task = make_task(spec, args.swap_items, seed=0, num_fewshot=args.num_fewshot, template=args.template)
     probe = _probe(prompts) if prompts is not None else torch_probe(am)
-    r = layer_swap(am, task, widths=args.swap_widths_list, probe=probe, log=_log)
+    r = layer_swap(am, task, widths=args.swap_widths_list, positions=args.swap_positions_list, probe=probe, log=_log)
     r.config["seconds"] = time.time() - t0
     _log(f"swap: baseline {r.scalars['baseline']}; null-swap noise floor {r.scalars['noise_floor']:.1e}  "
          f"[{time.time() - t0:.0f}s]")

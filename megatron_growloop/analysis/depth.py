@@ -110,7 +110,10 @@ def depth_score(am: AnalysisModel, prompts: PromptSet, mode: str = "future", num
             continue
         sel = torch.as_tensor(src, device=tr.outputs[0].device)
         intervene, measure = measures.window_masks([lengths[r] for r in src], splits, S, mode, skip_front)
-        ref_probs = torch.softmax(tr.logits, dim=-1)[sel]
+        # only positions some row measures need logits (future mode: p >= min t)
+        p0 = int(measure.any(dim=0).nonzero().min()) if bool(measure.any()) else 0
+        measure_out = measure[:, p0:]
+        ref_probs = torch.softmax(tr.logits[:, p0:], dim=-1)[sel]
         contrib = [tr.contribution(k)[:, sel] for k in range(K)]
 
         def ex(x):
@@ -124,7 +127,7 @@ def depth_score(am: AnalysisModel, prompts: PromptSet, mode: str = "future", num
             nl = torch.maximum(nl, measures.relative_change(out - inp, contrib[k], measure).cpu())
 
         final = am.resume(tr, 0, ex(tr.inputs[0]), on_null)
-        null_out = max(null_out, float(measures.prob_change(am.decode(final), ref_probs, measure).max()))
+        null_out = max(null_out, float(measures.prob_change(am.decode(final[p0:]), ref_probs, measure_out).max()))
         null_layer = max(null_layer, float(nl.max()))
 
         O = torch.zeros(len(src), K)
@@ -139,7 +142,7 @@ def depth_score(am: AnalysisModel, prompts: PromptSet, mode: str = "future", num
                 E[:, s, k] = measures.relative_change(out - inp, contrib[k], measure).cpu()
 
             final = am.resume(tr, s + 1, h_out, on_out)
-            O[:, s] = measures.prob_change(am.decode(final), ref_probs, measure).cpu()
+            O[:, s] = measures.prob_change(am.decode(final[p0:]), ref_probs, measure_out).cpu()
         O_rows.append(_per_prompt_max(O, src, len(lengths)))
         E_rows.append(_per_prompt_max(E, src, len(lengths)))
         if log:

@@ -243,13 +243,12 @@ class LensResult(Result):
 
 
 @torch.no_grad()
-def lens_metrics(am: AnalysisModel, lens: Optional[TunedLens], prompts: PromptSet, batch_size: int = 4,
-                 k_top: int = 5) -> Dict[str, np.ndarray]:
-    """Per position: ``KL(P_final || Q_k)``, ``KL(Q_k || P_final)``, top-``k_top`` overlap with the
-    final top-``k_top``, top-1 agreement and the lens' next-token cross entropy, averaged over all
-    real tokens (``lens=None``: logit lens)."""
+def lens_metrics_many(am: AnalysisModel, lenses: Dict[str, Optional[TunedLens]], prompts: PromptSet,
+                      batch_size: int = 4, k_top: int = 5) -> Dict[str, Dict[str, np.ndarray]]:
+    """:func:`lens_metrics` for several lenses from one forward per batch."""
     K = am.depth
-    acc = {q: torch.zeros(K, dtype=torch.float64) for q in ("kl", "kl_reverse", "top", "top1", "ce")}
+    acc = {name: {q: torch.zeros(K, dtype=torch.float64) for q in ("kl", "kl_reverse", "top", "top1", "ce")}
+           for name in lenses}
     n_tok, n_ce = 0, 0
     for tokens, lengths, _ in prompts.batches(batch_size):
         tr = am.trace(tokens)
@@ -258,31 +257,41 @@ def lens_metrics(am: AnalysisModel, lens: Optional[TunedLens], prompts: PromptSe
         nxt[:, :-1] = mask[:, 1:]
         labels = torch.roll(tokens.to(tr.logits.device), -1, dims=1)
         logp = F.log_softmax(tr.logits, dim=-1)
-        for k in range(K):
-            logits = _decode(am, lens, tr.outputs[k], k)
-            logq = F.log_softmax(logits, dim=-1)
-            acc["kl"][k] += float(measures.kl_div(logp, logq)[mask].double().sum())
-            acc["kl_reverse"][k] += float(measures.kl_div(logq, logp)[mask].double().sum())
-            acc["top"][k] += float(measures.topk_overlap(logits, tr.logits, k_top)[mask].double().sum())
-            acc["top1"][k] += float((logits.argmax(-1) == tr.logits.argmax(-1))[mask].double().sum())
-            ce = -logq.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-            acc["ce"][k] += float(ce[nxt].double().sum())
+        for name, lens in lenses.items():
+            a = acc[name]
+            for k in range(K):
+                logits = _decode(am, lens, tr.outputs[k], k)
+                logq = F.log_softmax(logits, dim=-1)
+                a["kl"][k] += float(measures.kl_div(logp, logq)[mask].double().sum())
+                a["kl_reverse"][k] += float(measures.kl_div(logq, logp)[mask].double().sum())
+                a["top"][k] += float(measures.topk_overlap(logits, tr.logits, k_top)[mask].double().sum())
+                a["top1"][k] += float((logits.argmax(-1) == tr.logits.argmax(-1))[mask].double().sum())
+                ce = -logq.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+                a["ce"][k] += float(ce[nxt].double().sum())
         n_tok += int(mask.sum())
         n_ce += int(nxt.sum())
-    out = {q: (v / max(n_tok, 1)).numpy() for q, v in acc.items() if q != "ce"}
-    out["ce"] = (acc["ce"] / max(n_ce, 1)).numpy()
+    out = {}
+    for name, a in acc.items():
+        out[name] = {q: (v / max(n_tok, 1)).numpy() for q, v in a.items() if q != "ce"}
+        out[name]["ce"] = (a["ce"] / max(n_ce, 1)).numpy()
     return out
 
 
+def lens_metrics(am: AnalysisModel, lens: Optional[TunedLens], prompts: PromptSet, batch_size: int = 4,
+                 k_top: int = 5) -> Dict[str, np.ndarray]:
+    """Per position: ``KL(P_final || Q_k)``, ``KL(Q_k || P_final)``, top-``k_top`` overlap with the
+    final top-``k_top``, top-1 agreement and the lens' next-token cross entropy, averaged over all
+    real tokens (``lens=None``: logit lens)."""
+    return lens_metrics_many(am, {"lens": lens}, prompts, batch_size, k_top)["lens"]
+
+
 @torch.no_grad()
-def early_exit_choice_loglikelihoods(am: AnalysisModel, lens: Optional[TunedLens], items, encode_pair) -> np.ndarray:
-    """``ll[k, i, j]``: log-likelihood of choice ``j`` of item ``i`` decoded by the lens after
-    application ``k`` (tokenised with ``encode_pair(context, continuation)``, the scoring
-    engine's lm-eval convention; at ``k = K-1`` with an untrained lens this equals the model's
-    own multiple-choice scores)."""
+def early_exit_loglikelihoods_many(am: AnalysisModel, lenses: Dict[str, Optional[TunedLens]], items,
+                                   encode_pair) -> Dict[str, np.ndarray]:
+    """:func:`early_exit_choice_loglikelihoods` for several lenses from one forward per item."""
     K = am.depth
     n_choice = max(len(it.choices) for it in items)
-    ll = np.full((K, len(items), n_choice), -np.inf)
+    ll = {name: np.full((K, len(items), n_choice), -np.inf) for name in lenses}
     for i, it in enumerate(items):
         pairs = [encode_pair(c, x) for c, x in it.requests()]
         seqs = [(c + x)[:-1] for c, x in pairs]
@@ -291,23 +300,31 @@ def early_exit_choice_loglikelihoods(am: AnalysisModel, lens: Optional[TunedLens
         for r, s in enumerate(seqs):
             tokens[r, : len(s)] = torch.tensor(s)
         tr = am.trace(tokens, logits=False)
-        rows, pos, targets, owner = [], [], [], []
+        rows, pos, targets = [], [], []
         for r, (c, x) in enumerate(pairs):
             for j, t in enumerate(x):
                 rows.append(r)
                 pos.append(len(c) - 1 + j)
                 targets.append(t)
-        rows_t = torch.tensor(rows, device=tr.outputs[0].device)
-        pos_t = torch.tensor(pos, device=tr.outputs[0].device)
-        tgt = torch.tensor(targets, device=tr.outputs[0].device)
+        dev = tr.outputs[0].device
+        rows_t, pos_t, tgt = (torch.tensor(v, device=dev) for v in (rows, pos, targets))
         for k in range(K):
             h = tr.outputs[k][pos_t, rows_t].unsqueeze(1)  # [N, 1, h]
-            logq = F.log_softmax(_decode(am, lens, h, k)[0], dim=-1)  # [N, V]
-            picked = logq.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().cpu().numpy()
-            sums = np.zeros(len(pairs))
-            np.add.at(sums, np.asarray(rows), picked)
-            ll[k, i, : len(pairs)] = sums
+            for name, lens in lenses.items():
+                logq = F.log_softmax(_decode(am, lens, h, k)[0], dim=-1)  # [N, V]
+                picked = logq.gather(-1, tgt.unsqueeze(-1)).squeeze(-1).double().cpu().numpy()
+                sums = np.zeros(len(pairs))
+                np.add.at(sums, np.asarray(rows), picked)
+                ll[name][k, i, : len(pairs)] = sums
     return ll
+
+
+def early_exit_choice_loglikelihoods(am: AnalysisModel, lens: Optional[TunedLens], items, encode_pair) -> np.ndarray:
+    """``ll[k, i, j]``: log-likelihood of choice ``j`` of item ``i`` decoded by the lens after
+    application ``k`` (tokenised with ``encode_pair(context, continuation)``, the scoring
+    engine's lm-eval convention; at ``k = K-1`` with an untrained lens this equals the model's
+    own multiple-choice scores)."""
+    return early_exit_loglikelihoods_many(am, {"lens": lens}, items, encode_pair)["lens"]
 
 
 def early_exit_accuracy(ll: np.ndarray, items) -> Dict[str, np.ndarray]:
@@ -339,8 +356,8 @@ def lens_analysis(am: AnalysisModel, prompts: PromptSet, lens: Optional[TunedLen
             raise UsageError("the tuned lens needs held-out prompts to train on (or --lens-load DIR)")
         lens = fit_tuned_lens(am, fit_prompts, log=log, **(fit_kwargs or {}))
     lens.check(am)
-    logit = lens_metrics(am, None, prompts, batch_size)
-    tuned = lens_metrics(am, lens, prompts, batch_size)
+    both = lens_metrics_many(am, {"logit": None, "tuned": lens}, prompts, batch_size)
+    logit, tuned = both["logit"], both["tuned"]
     arrays: Dict[str, np.ndarray] = {}
     for name, m in (("logit", logit), ("tuned", tuned)):
         arrays[f"{name}_kl"] = m["kl"]
@@ -361,8 +378,8 @@ def lens_analysis(am: AnalysisModel, prompts: PromptSet, lens: Optional[TunedLen
 
         items = primitives.generate_task(task, task_items, seed=task_seed, num_fewshot=num_fewshot, template=template)
         engine = LogProbEngine(am.model, am.tokenizer, vocab_size=am.vocab_size)
-        for name, l in (("logit", None), ("tuned", lens)):
-            ll = early_exit_choice_loglikelihoods(am, l, items, engine.encode_pair)
+        lls = early_exit_loglikelihoods_many(am, {"logit": None, "tuned": lens}, items, engine.encode_pair)
+        for name, ll in lls.items():
             accs = early_exit_accuracy(ll, items)
             arrays[f"{name}_acc"] = accs["acc"]
             arrays[f"{name}_acc_norm"] = accs["acc_norm"]

@@ -8,6 +8,9 @@ A *prompt spec* (``--data``) is one of
 * ``default`` -- the project's embedded corpus (built locally for the tokenizer), same way;
 * ``FILE.jsonl`` / ``FILE.txt`` -- one document per line (JSONL: the ``text`` key),
   the first ``seq_len`` tokens of each;
+* ``pydoc`` -- English prose shipped with the Python interpreter (the paragraphs of at
+  least 450 characters of ``pydoc_data.topics``, in sorted topic order; the text depends
+  on the Python version, which is recorded);
 * ``primitives[:TASKS]`` -- solved reasoning-primitive prompts from
   :mod:`megatron_growloop.eval.primitives` (in-context examples, question and the
   right answer; ``TASKS`` as for ``--tasks``, default ``all``; 5-shot).
@@ -73,6 +76,8 @@ def load_prompts(spec: str, tokenizer, n: int, seq_len: int, offset: int = 0, se
     spec = str(spec)
     if spec == "primitives" or spec.startswith("primitives:"):
         return _primitives(spec, tokenizer, n, seq_len, offset, seed)
+    if spec == "pydoc":
+        return _pydoc(tokenizer, n, seq_len, offset)
     path = Path(spec)
     if path.suffix in (".jsonl", ".json", ".txt") or path.is_file():
         return _text_file(spec, tokenizer, n, seq_len, offset)
@@ -100,6 +105,31 @@ def _primitives(spec: str, tokenizer, n: int, seq_len: int, offset: int, seed: i
             seqs.append(_keep(ids, seq_len))
     return PromptSet(seqs, f"primitives:{','.join(tasks)}",
                      {"offset": offset, "seed": seed, "truncated": truncated, "num_fewshot": primitives.DEFAULT_NUM_FEWSHOT})
+
+
+def pydoc_paragraphs(min_chars: int = 450) -> List[str]:
+    """Prose paragraphs of Python's bundled help topics (offline natural-language text)."""
+    import re
+
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[key]):
+            text = " ".join(para.split())
+            if len(text) >= min_chars and not text.startswith(("*", ">>>")) and text.count("(") < len(text) / 40:
+                out.append(text)
+    return out
+
+
+def _pydoc(tokenizer, n: int, seq_len: int, offset: int) -> PromptSet:
+    import sys
+
+    paras = pydoc_paragraphs()
+    seqs = [_keep(tokenizer.tokenize(t), seq_len) for t in paras[offset:offset + n]]
+    if not seqs:
+        raise UsageError(f"--data pydoc: only {len(paras)} paragraphs, none after the first {offset}")
+    return PromptSet(seqs, "pydoc", {"offset": offset, "python": sys.version.split()[0], "available": len(paras)})
 
 
 def _text_file(spec: str, tokenizer, n: int, seq_len: int, offset: int) -> PromptSet:
