@@ -87,3 +87,30 @@ def test_swapped_schedule():
         swapped_schedule(s, 6, 2)
     with pytest.raises(UsageError):
         swapped_schedule(s, 2, 2, other=3)
+
+
+def test_prompt_sources_are_local_and_offsets_disjoint(tmp_path):
+    """pydoc prose, solved primitives and JSONL files load without any download; ``offset`` (used for
+    the tuned lens' held-out text) selects different prompts; sequences are cut at ``seq_len``."""
+    from megatron_growloop.analysis.prompts import load_prompts
+    from megatron_growloop.data.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    a = load_prompts("pydoc", tok, 3, 64)
+    b = load_prompts("pydoc", tok, 3, 64, offset=3)
+    assert len(a) == 3 and all(len(s) == 64 for s in a.sequences)
+    assert not set(map(tuple, a.sequences)) & set(map(tuple, b.sequences))
+    p = load_prompts("primitives:va_math_d0,copy_real", tok, 4, 4000)
+    q = load_prompts("primitives:va_math_d0,copy_real", tok, 4, 4000, offset=2)
+    assert len(p) == 4 and not set(map(tuple, p.sequences)) & set(map(tuple, q.sequences))
+    from megatron_growloop.eval import primitives
+
+    first = primitives.make_item("va_math_d0", 0)
+    assert tok.detokenize(p.sequences[0]) == first.context + first.delimiter + first.answer  # solved prompt
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"text": "short"}\n{"text": "the first long enough document"}\n{"text": "and a second one here"}\n')
+    j = load_prompts(str(f), tok, 5, 10)
+    assert [tok.detokenize(s) for s in j.sequences] == ["the first ", "and a seco"]
+    assert [tok.detokenize(s) for s in load_prompts(str(f), tok, 5, 10, offset=1).sequences] == ["and a seco"]
+    with pytest.raises(UsageError):
+        load_prompts(str(tmp_path / "missing_prefix"), tok, 2, 16)
