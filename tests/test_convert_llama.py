@@ -106,6 +106,26 @@ def test_other_input_formats_give_the_same_checkpoint(llama3, fmt):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_checkpoint_serves_local_and_te_requests(llama3):
+    """Dist-checkpoint keys are spec-independent, but a Transformer Engine model also requests
+    per-layer attention extra state that a local-spec model never writes; the converter writes
+    it (empty), so a request with every local key plus TE's attention extra state loads."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
+
+    from megatron_growloop.convert.megatron_io import build_single_rank_model
+
+    meta = json.loads((Path(llama3.ckpt) / "growloop.json").read_text())
+    model, _ = build_single_rank_model(meta["arch"])
+    request = model.sharded_state_dict()
+    n = meta["arch"]["num_layers"]
+    for i in range(n):
+        request[f"te_attention_{i}"] = make_sharded_object_for_checkpoint(
+            None, "decoder.layers.self_attention.core_attention._extra_state", [(0, i, n)])
+    loaded = dist_checkpointing.load(request, llama3.ckpt)
+    assert all(loaded[f"te_attention_{i}"] is None for i in range(n))
+
+
 # ------------------------------------------------------------------------------ refusals
 def _edit_config(d: Path, **changes):
     cfg = json.loads((d / "config.json").read_text())

@@ -88,3 +88,18 @@ def test_crash_during_save_keeps_last_good_checkpoint(tmp_path):
     pretrain(COMMON + ["--train-iters", "4", "--load", str(ck), "--save", str(ck), "--metrics-file", str(m)])
     assert [r["iteration"] for r in read_metrics(m)] == [3, 4]
     assert (ck / "latest_checkpointed_iteration.txt").read_text() == "4"
+
+
+def test_bf16_trains_saves_and_resumes_exactly(tmp_path):
+    """--bf16 (Float16Module + fp32 main params) saves and resumes bitwise on CPU."""
+    args = ["--tokenizer-type", "ByteTokenizer", "--global-batch-size", "4", "--micro-batch-size", "2",
+            "--bf16", "--train-iters", "4", "--seed", "5"]
+    straight, split, ck = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "ck"
+    pretrain(args + ["--metrics-file", str(straight)])
+    pretrain(args + ["--exit-interval", "2", "--save", str(ck), "--metrics-file", str(split)])
+    pretrain(args + ["--load", str(ck), "--metrics-file", str(split)])
+    assert _losses(straight) == _losses(split)
+    import json
+
+    meta = json.loads((ck / "iter_0000002" / "growloop.json").read_text())
+    assert meta["has_optimizer"]

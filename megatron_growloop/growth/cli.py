@@ -16,6 +16,12 @@ def add_growth_args(parser) -> None:
     g.add_argument("--grow-alpha", type=float, default=1.0)
     g.add_argument("--grow-iters", type=int, default=None,
                    help="T: iterations of the growth phase (all stages incl. the first at full depth)")
+    g.add_argument("--grow-transfer", choices=["auto", "memory", "checkpoint"], default="auto",
+                   help="how a growth step carries the state to the rebuilt model: in memory (when no layer "
+                        "changes pipeline stage), through a scratch checkpoint, or auto (memory when possible)")
+    g.add_argument("--grow-scratch-dir", default=None,
+                   help="directory for the temporary checkpoint of a growth step, visible to all ranks "
+                        "(default: /dev/shm on one node, else <save>/growth_scratch)")
 
 
 def validate_growth_args(args) -> None:
@@ -29,9 +35,10 @@ def validate_growth_args(args) -> None:
         raise UsageError("--grow-method needs --grow-final-layers and --grow-iters")
     if args.loop or args.retrofit_loop:
         raise UsageError("growing a looped model is not supported: drop --loop/--retrofit-loop or --grow-method")
-    if args.grow_iters > args.train_iters:
+    if getattr(args, "pipeline_model_parallel_layout", None):
         raise UsageError(
-            f"--grow-iters {args.grow_iters} exceeds --train-iters {args.train_iters}: the run would end before its final depth"
+            "--pipeline-model-parallel-layout is fixed to one depth; drop it with --grow-method "
+            "(growth balances the layers over the pipeline stages at every depth)"
         )
     from .schedule import GrowthPlan
 
@@ -39,3 +46,9 @@ def validate_growth_args(args) -> None:
         args.grow_method, args.grow_block_size, args.num_layers, args.grow_final_layers,
         args.grow_iters, args.grow_alpha,
     )
+    last = args.growth_plan.growth_iterations[-1]
+    if args.train_iters <= last:
+        raise UsageError(
+            f"--train-iters {args.train_iters} ends before the last growth step (at iteration {last} of "
+            f"--grow-iters {args.grow_iters}): the run would never reach --grow-final-layers {args.grow_final_layers}"
+        )

@@ -70,6 +70,11 @@ def get_operator(name: str) -> Callable[[int, int], List[int]]:
 def growth_maps(method: str, start_depth: int, final_depth: int, block: int) -> List[List[int]]:
     """The source maps of every growth step from ``start_depth`` to ``final_depth``."""
     op = get_operator(method)
+    if block < 1 or start_depth < block or start_depth % block:
+        raise UsageError(
+            f"--num-layers {start_depth} is not a positive multiple of --grow-block-size {block} "
+            "(growth inserts whole blocks)"
+        )
     if final_depth <= start_depth or (final_depth - start_depth) % block:
         raise UsageError(
             f"--grow-final-layers {final_depth} is not reachable from --num-layers {start_depth} "

@@ -76,8 +76,17 @@ class GrowthPlan:
         target = sum(1 for it in self.growth_iterations if it <= iteration)
         return list(range(done, target))
 
+    @property
+    def stage_depths(self) -> List[int]:
+        return [self.start_depth + i * self.block_size for i in range(self.num_stages)]
+
+    def depth_ratio(self) -> float:
+        """Layer applications of the growth phase relative to training it at the final depth."""
+        return sum(b * d for b, d in zip(self.budgets, self.stage_depths)) / (self.grow_iters * self.final_depth)
+
     def describe(self) -> str:
-        depths = [self.start_depth + i * self.block_size for i in range(self.num_stages)]
-        stages = ", ".join(f"{d} layers x {b} it" for d, b in zip(depths, self.budgets))
+        stages = ", ".join(f"{d} layers x {b} it" for d, b in zip(self.stage_depths, self.budgets))
         return (f"growth {self.method} B={self.block_size} PROP-{self.alpha:g} over {self.grow_iters} "
-                f"iterations: {stages}; grows at iterations {self.growth_iterations}")
+                f"iterations: {stages}; grows after iterations {self.growth_iterations}; "
+                f"depth-proportional training compute of the growth phase: {self.depth_ratio():.4f} x "
+                f"a {self.final_depth}-layer model")

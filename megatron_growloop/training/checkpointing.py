@@ -136,9 +136,32 @@ def _parallel_layout() -> Dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------ state dicts
+# Per-layer objects a Transformer Engine model requests on load that a local-spec model does not
+# have (TE's attention keeps FP8 metadata there; None means "nothing recorded", like the local
+# linears' extra state).  Writing them lets every checkpoint load into either layer spec.
+TE_ONLY_EXTRA_STATE = ("self_attention.core_attention._extra_state",)
+
+
 def model_sharded_state_dict(model_chunks) -> Dict[str, Any]:
     assert len(model_chunks) == 1, "virtual pipeline stages are not supported"
     return unwrap(model_chunks[0]).sharded_state_dict()
+
+
+def _add_te_placeholders(model_chunks, sd: Dict[str, Any]) -> Dict[str, Any]:
+    """Add :data:`TE_ONLY_EXTRA_STATE` placeholders for local-spec layers (saving only), so the
+    checkpoint also loads into a Transformer Engine model."""
+    from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
+
+    model = unwrap(model_chunks[0])
+    num_layers = model.config.num_layers
+    out = dict(sd)
+    for local, layer in enumerate(model.decoder.layers):
+        g = layer.layer_number - 1
+        for name in TE_ONLY_EXTRA_STATE:
+            key = f"decoder.layers.{local}.{name}"
+            if key not in out:
+                out[key] = make_sharded_object_for_checkpoint(None, f"decoder.layers.{name}", [(0, g, num_layers)])
+    return out
 
 
 def unwrap(module):
@@ -168,7 +191,7 @@ def save_checkpoint(
     dist.barrier()
 
     model_sd = model_sharded_state_dict(model_chunks)
-    state: Dict[str, Any] = {"model": model_sd}
+    state: Dict[str, Any] = {"model": _add_te_placeholders(model_chunks, model_sd)}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA)
     if scheduler is not None:

@@ -131,6 +131,12 @@ class Trainer:
         )
         if platform.has_cuda():
             model.cuda(torch.cuda.current_device())
+        if args.bf16 or args.fp16:
+            # As Megatron-LM: cast every parameter (norms included) to the 16-bit dtype and convert
+            # inputs/outputs at the pipeline ends; the optimizer keeps fp32 main params.
+            from megatron.core.transformer.module import Float16Module
+
+            model = Float16Module(self.config, model)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=args.overlap_grad_reduce,
@@ -325,9 +331,6 @@ class Trainer:
             # Fresh optimizer state (--finetune, --no-load-optim, or a checkpoint without one, e.g. a
             # converted Hugging Face model): its fp32 main params must start from the loaded weights.
             self.optimizer.reload_model_params()
-        # The DistributedOptimizer copies loaded fp32 params back into the model params.
-        for m in self.model:
-            m.broadcast_params()
 
     # ------------------------------------------------------------------ data
     def build_data(self) -> None:
