@@ -7,28 +7,15 @@ the tokenizer's vocabulary in float64, summed over the continuation tokens.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
-
 import pytest
 import torch
 
-from conftest import pretrain
+from eval_fixtures import tiny_ckpts  # noqa: F401  (session fixture: pretrained tiny checkpoints)
 from megatron_growloop.errors import UsageError
 from megatron_growloop.eval import primitives, scoring, sweeps
 from megatron_growloop.eval.engine import LogProbEngine
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpts(tmp_path_factory):
-    """A plain 4-layer and a Loop(1-2x2-1) model (ByteTokenizer, long position range)."""
-    root = tmp_path_factory.mktemp("eval_ckpts")
-    common = ["--tokenizer-type", "ByteTokenizer", "--train-iters", "4", "--log-interval", "4",
-              "--max-position-embeddings", "2048", "--micro-batch-size", "2"]
-    pretrain(common + ["--save", root / "plain"])
-    pretrain(common + ["--loop", "1-2x2-1", "--save", root / "loop"])
-    return SimpleNamespace(plain=str(root / "plain"), loop=str(root / "loop"))
 
 
 @pytest.fixture

@@ -185,3 +185,17 @@ def test_bad_names_are_one_line_usage_errors():
         with pytest.raises(UsageError) as e:
             call()
         assert "\n" not in str(e.value) and ("choose" in str(e.value))
+
+
+def test_repeat_block_table_layout():
+    """The markdown table puts R=1 first, then one column per (start, R>1), values in percent."""
+    from megatron_growloop.eval.sweeps import repeat_block_table
+
+    res = {"tasks": ["copy_random"], "starts": [4, 8], "repeats": [1, 2], "block_size": 4,
+           "acc_norm": {"copy_random": [[0.5, 0.5], [0.25, None]], "mean": [[0.5, 0.5], [0.25, None]]},
+           "stderr": {"acc_norm": {"copy_random": [[0.1, 0.1], [0.05, None]],
+                                   "mean": [[None, None], [None, None]]}}}
+    lines = repeat_block_table(res).splitlines()
+    assert lines[0] == "| task | R=1 (model) | 4:8 R=2 | 8:12 R=2 |"
+    assert lines[2] == "| copy_random | 50 ± 10 | 25 ± 5 | -- |"
+    assert lines[3] == "| **mean** | 50 | 25 | -- |"

@@ -135,7 +135,7 @@ def _log(msg: str) -> None:
         print(msg, flush=True)
 
 
-def _write_json(path: Optional[str], obj: Dict[str, Any]) -> None:
+def _write_json(path: Optional[str], obj: Dict[str, Any], quiet: bool = False) -> None:
     from .parallel import is_driver
 
     if not path or not is_driver():
@@ -145,7 +145,8 @@ def _write_json(path: Optional[str], obj: Dict[str, Any]) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
     os.replace(tmp, path)
-    print(f"wrote {path}", flush=True)
+    if not quiet:
+        print(f"wrote {path}", flush=True)
 
 
 def _load(args):
@@ -254,7 +255,9 @@ def cmd_sweep_repeat(args) -> Dict[str, Any]:
     starts = None if args.starts == "all" else _int_list(args.starts)
     res = sweeps.repeat_block_sweep(model, engine, args.tasks, block_size=args.block_size, starts=starts,
                                     repeats=_int_list(args.repeats), limit=args.limit, seed=args.seed,
-                                    num_fewshot=args.num_fewshot, template=args.template, log=_log)
+                                    num_fewshot=args.num_fewshot, template=args.template, log=_log,
+                                    on_update=lambda partial: _write_json(args.out, {**partial, "model": info,
+                                                                                     "partial": True}, quiet=True))
     res["model"] = info
     res["plot_metric"] = args.metric
     _write_json(args.out, res)

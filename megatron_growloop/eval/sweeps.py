@@ -31,7 +31,9 @@ def _agree_everywhere(ok: bool) -> bool:
     """True only if ``ok`` on every rank (a schedule change must succeed on all stages)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    from .. import platform
+
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=platform.device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -65,8 +67,11 @@ def repeat_block_sweep(
     num_fewshot: int = primitives.DEFAULT_NUM_FEWSHOT,
     template=primitives.DEFAULT_TEMPLATE,
     log: Optional[Callable[[str], None]] = None,
+    on_update: Optional[Callable[[Dict[str, Any]], None]] = None,
 ) -> Dict[str, Any]:
-    """``acc[task][start][R]`` (and ``acc_norm``) for blocks ``[s, s+block_size)`` run R times."""
+    """``acc[task][R index][start index]`` (and ``acc_norm``, standard errors) for blocks
+    ``[s, s+block_size)`` run R times.  ``on_update(partial_result)`` is called after every
+    configuration (missing cells are None), e.g. to save progress of long sweeps."""
     names = primitives.resolve_tasks(tasks)
     base = list(model.config.repeat_blocks)
     depth = model.effective_depth
@@ -101,24 +106,6 @@ def repeat_block_sweep(
 
     cells: Dict[str, Dict[str, Any]] = {}
     skipped: Dict[str, str] = {}
-    try:
-        baseline = run_all("baseline R=1") if 1 in repeats else None
-        for s in starts:
-            for r in repeats:
-                key = f"{s}:{r}"
-                if r == 1:
-                    cells[key] = baseline
-                    continue
-                block = str(RepeatBlock(s, s + block_size, r))
-                err = _set_blocks(model, base + [block])
-                if err:
-                    skipped[key] = err
-                    if log:
-                        log(f"{block:>14s}: skipped ({err})")
-                    continue
-                cells[key] = run_all(block)
-    finally:
-        _set_blocks(model, base)
 
     def table(metric: str) -> Dict[str, List[List[Optional[float]]]]:
         t = {}
@@ -138,20 +125,49 @@ def repeat_block_sweep(
             t[n] = rows
         return t
 
-    return {
-        "kind": "repeat_block",
-        "tasks": names,
-        "block_size": block_size,
-        "starts": starts,
-        "repeats": repeats,
-        "acc": table("acc"),
-        "acc_norm": table("acc_norm"),
-        "stderr": {k: v for k, v in (("acc", table("acc_stderr")), ("acc_norm", table("acc_norm_stderr")))},
-        "chance": {n: primitives.get_task(n).chance for n in names},
-        "skipped": skipped,
-        "config": {"limit": limit, "seed": seed, "num_fewshot": num_fewshot,
-                   "template": primitives.get_template(template).name, "base_repeat_blocks": base},
-    }
+    def result() -> Dict[str, Any]:
+        return {
+            "kind": "repeat_block",
+            "tasks": names,
+            "block_size": block_size,
+            "starts": starts,
+            "repeats": repeats,
+            "acc": table("acc"),
+            "acc_norm": table("acc_norm"),
+            "stderr": {"acc": table("acc_stderr"), "acc_norm": table("acc_norm_stderr")},
+            "chance": {n: primitives.get_task(n).chance for n in names},
+            "skipped": dict(skipped),
+            "config": {"limit": limit, "seed": seed, "num_fewshot": num_fewshot,
+                       "template": primitives.get_template(template).name, "base_repeat_blocks": base},
+        }
+
+    try:
+        baseline = run_all("baseline R=1") if 1 in repeats else None
+        if baseline is not None:
+            for s in starts:
+                cells[f"{s}:1"] = baseline
+            if on_update:
+                on_update(result())
+        for s in starts:
+            for r in repeats:
+                key = f"{s}:{r}"
+                if r == 1:
+                    cells[key] = baseline
+                    continue
+                block = str(RepeatBlock(s, s + block_size, r))
+                err = _set_blocks(model, base + [block])
+                if err:
+                    skipped[key] = err
+                    if log:
+                        log(f"{block:>14s}: skipped ({err})")
+                    continue
+                cells[key] = run_all(block)
+                if on_update:
+                    on_update(result())
+    finally:
+        _set_blocks(model, base)
+
+    return result()
 
 
 def icl_sweep(
@@ -200,3 +216,34 @@ def icl_sweep(
     out["config"] = {"limit": limit, "seed": seed, "template": primitives.get_template(template).name,
                      "max_length": max_length}
     return out
+
+
+def repeat_block_table(result: Dict[str, Any], metric: str = "acc_norm", stderr: bool = True) -> str:
+    """A markdown table of a repeat-block sweep: one row per task (+ mean), one column for the
+    unmodified model (R = 1) and one per (start, R > 1); values in percent."""
+    starts, repeats = result["starts"], result["repeats"]
+    cols = []
+    if 1 in repeats:
+        cols.append(("R=1 (model)", repeats.index(1), 0))
+    for j, s in enumerate(starts):
+        for i, r in enumerate(repeats):
+            if r != 1:
+                cols.append((f"{s}:{s + result['block_size']} R={r}", i, j))
+    head = "| task | " + " | ".join(c[0] for c in cols) + " |"
+    sep = "| --- |" + " ---: |" * len(cols)
+    lines = [head, sep]
+    for name in list(result["tasks"]) + ["mean"]:
+        cells = []
+        for _, i, j in cols:
+            v = result[metric][name][i][j]
+            if v is None:
+                cells.append("--")
+                continue
+            txt = f"{100 * v:.0f}"
+            if stderr and name != "mean":
+                se = result["stderr"][metric][name][i][j]
+                txt += f" ± {100 * se:.0f}"
+            cells.append(txt)
+        label = f"**{name}**" if name == "mean" else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
