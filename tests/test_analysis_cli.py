@@ -99,6 +99,9 @@ def test_single_analyses_reuse_a_lens_and_compare(ckpt):
     (["lens", "--load", "X", "--out", "{out}", "--task", "nope"], "unknown reasoning-primitive task 'nope'"),
     (["swap", "--load", "X", "--out", "{out}", "--swap-task", "lambada:/no/such.jsonl"], "no such file"),
     (["all", "--load", "X", "--out", "{out}", "--skip", "bogus"], "unknown analyses"),
+    (["swap", "--load", "X", "--out", "{out}", "--swap-task", "lambada:{lam}", "--swap-metric", "acc_norm"],
+     "LAMBADA reports acc only"),
+    (["swap", "--load", "X", "--out", "{out}", "--swap-positions", "5:2"], "START:STOP"),
     (["swap", "--load", "X", "--out", "{out}", "--swap-widths", "1,x"], "comma-separated integers"),
     (["depth-score", "--load", "/no/such/ckpt", "--out", "{out}"], "/no/such/ckpt"),
     (["compare", "/no/such/dir", "--out", "{out}"], "is not a directory"),
@@ -106,8 +109,10 @@ def test_single_analyses_reuse_a_lens_and_compare(ckpt):
 def test_usage_errors_are_one_line_and_write_nothing(argv, needle, tmp_path, capsys):
     """Bad input exits 2 with ``prog: error: ...`` on one line and leaves --out untouched."""
     out = tmp_path / "out"
+    lam = tmp_path / "lam.jsonl"
+    lam.write_text('{"text": "a b c"}\n')
     with pytest.raises(SystemExit) as exc:
-        main([a.replace("{out}", str(out)) for a in argv])
+        main([a.replace("{out}", str(out)).replace("{lam}", str(lam)) for a in argv])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"{MOD}: error:") and needle in err and "\n" not in err

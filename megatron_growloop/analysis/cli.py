@@ -119,6 +119,8 @@ def _swap_args(p) -> None:
     g.add_argument("--swap-task", default=None, help="a reasoning primitive or lambada:FILE.jsonl (default: --task)")
     g.add_argument("--swap-items", type=int, default=50)
     g.add_argument("--swap-widths", default="1,2", help="comma-separated block widths")
+    g.add_argument("--swap-metric", choices=["acc", "acc_norm"], default=None,
+                   help="metric plotted (default: acc_norm for primitives, acc for lambada; both are saved)")
     g.add_argument("--swap-positions", default="all",
                    help="first positions of the swapped pairs: 'all', START:STOP:STEP or a comma-separated list")
 
@@ -223,6 +225,8 @@ def _validate(args) -> None:
         if st.startswith("lambada:"):
             if not Path(st.split(":", 1)[1]).is_file():
                 raise UsageError(f"--swap-task {st!r}: no such file")
+            if getattr(args, "swap_metric", None) == "acc_norm":
+                raise UsageError("--swap-metric acc_norm: LAMBADA reports acc only (greedy last word)")
         else:
             primitives.get_task(st)
     if getattr(args, "swap_widths", None):
@@ -353,7 +357,8 @@ def run_swap(args, am, prompts=None):
     spec = args.swap_task or args.task
     task = make_task(spec, args.swap_items, seed=0, num_fewshot=args.num_fewshot, template=args.template)
     probe = _probe(prompts) if prompts is not None else torch_probe(am)
-    r = layer_swap(am, task, widths=args.swap_widths_list, positions=args.swap_positions_list, probe=probe, log=_log)
+    r = layer_swap(am, task, widths=args.swap_widths_list, positions=args.swap_positions_list, probe=probe, log=_log,
+                   metric=args.swap_metric)
     r.config["seconds"] = time.time() - t0
     _log(f"swap: baseline {r.scalars['baseline']}; null-swap noise floor {r.scalars['noise_floor']:.1e}  "
          f"[{time.time() - t0:.0f}s]")

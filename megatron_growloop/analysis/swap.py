@@ -142,7 +142,8 @@ class SwapResult(Result):
 
 
 def layer_swap(am: AnalysisModel, task, widths: Sequence[int] = (1, 2), positions: Optional[Sequence[int]] = None,
-               probe: Optional[torch.Tensor] = None, batch_size: int = 8, log=None) -> SwapResult:
+               probe: Optional[torch.Tensor] = None, batch_size: int = 8, log=None,
+               metric: Optional[str] = None) -> SwapResult:
     """Accuracy of ``task`` with each adjacent swap of width ``w`` (see the module docstring)."""
     from ..eval.engine import LogProbEngine
 
@@ -153,6 +154,11 @@ def layer_swap(am: AnalysisModel, task, widths: Sequence[int] = (1, 2), position
     K = am.depth
     base_sched = am.schedule
     baseline = task.evaluate(engine)
+    if metric is None:
+        metric = "acc_norm" if "acc_norm" in baseline else "acc"
+    elif metric not in baseline:
+        raise UsageError(f"--swap-metric {metric}: task {task.name} reports only "
+                         f"{', '.join(k for k in baseline if 'stderr' not in k)}")
     if log:
         log(f"swap: unswapped {baseline}")
     # null intervention: the identity schedule through the override path
@@ -177,7 +183,6 @@ def layer_swap(am: AnalysisModel, task, widths: Sequence[int] = (1, 2), position
         arrays[f"positions_w{w}"] = np.asarray(pos, dtype=float)
         for k, v in rows.items():
             arrays[f"{k}_w{w}"] = np.asarray(v, dtype=float)
-    metric = "acc_norm" if "acc_norm" in baseline else "acc"
     if am.schedule != base_sched:
         raise RuntimeError("the model's schedule was not restored after the swaps")
     return SwapResult(
