@@ -39,16 +39,13 @@ class NormsResult(Result):
         A = self.arrays
         K = len(A["resid_mean"])
         x = np.arange(K)
-        panels = [("resid", "residual norm ||h||", True), ("attn_rel", "attention ||a|| / ||h||", False),
-                  ("mlp_rel", "MLP ||m|| / ||h+a||", False), ("layer_rel", "layer ||a+m|| / ||h||", False)]
+        panels = [("resid", "residual norm ||h||"), ("attn_rel", "attention ||a|| / ||h||"),
+                  ("mlp_rel", "MLP ||m|| / ||h+a||"), ("layer_rel", "layer ||a+m|| / ||h||")]
         fig, axes = plt.subplots(1, 4, figsize=(15, 3.3))
-        for ax, (q, title, logy) in zip(axes, panels):
+        for ax, (q, title) in zip(axes, panels):
             ax.plot(x, A[f"{q}_mean"], marker="o", ms=3, label="mean")
             ax.plot(x, A[f"{q}_max"], color="tab:blue", alpha=0.35, lw=1, label="max")
-            if logy:
-                ax.set_yscale("log")
-            elif np.nanmax(A[f"{q}_mean"]) < 1.5:
-                ax.set_ylim(0, max(1e-3, min(1.5, 1.1 * float(np.nanmax(A[f"{q}_max"])))))
+            ax.set_yscale("log")  # ratios span orders of magnitude (massive activations, the first layer)
             draw_structure(ax, self.model)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("application (effective depth)", fontsize=8)
