@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import UsageError, cli_errors
+from ..looping.cli import add_inference_loop_args, validate_inference_loop_args
 
 PROG = "megatron_growloop.analysis"
 ANALYSES = ("depth-score", "lens", "norms", "local-effects", "swap")
@@ -66,9 +67,7 @@ def _model_args(p) -> None:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", help="checkpoint directory (a --save dir or one iter_* dir)")
     src.add_argument("--hf", help="Hugging Face model directory (converted with megatron_growloop.convert, cached)")
-    g.add_argument("--loop-repeats", type=int, default=None, help="change k of a looped model")
-    g.add_argument("--repeat-block", action="append", default=[], metavar="S:E:R",
-                   help="analyse the model with effective-depth positions S..E-1 run R times (repeatable)")
+    add_inference_loop_args(p)
     g.add_argument("--label", default=None, help="model name in figures (default: from its structure)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--bf16", action="store_true", help="run the model in bf16 (default fp32)")
@@ -434,6 +433,7 @@ def main(argv: Optional[List[str]] = None):
             for k, v in paths.items():
                 print(f"wrote {v}", flush=True)
             return paths
+        validate_inference_loop_args(args)
         _validate(args)
         am, meta = _load(args)
         out: Dict[str, Any] = {}

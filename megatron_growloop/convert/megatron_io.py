@@ -34,29 +34,12 @@ def ensure_single_process() -> None:
 
 
 def build_single_rank_model(arch: Dict[str, Any], loop=None):
-    """The whole model (TP=PP=1, fp32, local spec) with *uninitialised* weights: every
-    parameter is overwritten by the converter."""
-    from ..model.config import build_transformer_config
-    from ..model.gpt import build_model
-    from ..model.loading import arch_namespace
+    """The whole model (TP=PP=1, fp32, local spec, on the CPU) with *uninitialised*
+    weights: every parameter is overwritten by the converter."""
+    from ..model.loading import build_inference_model
 
-    ns = arch_namespace(arch, 1, 1, "local")
-    ns.loop = loop
-    config = build_transformer_config(ns, stage_sizes=None)
-    config.perform_initialization = False
-    model = build_model(
-        config,
-        vocab_size=arch["padded_vocab_size"],
-        max_sequence_length=arch["max_position_embeddings"],
-        rotary_base=arch["rotary_base"],
-        share_embeddings_and_output_weights=not arch.get("untie_embeddings_and_output_weights", False),
-        transformer_impl="local",
-        rope_scaling=bool(arch.get("rope_scaling", False)),
-        rope_scaling_factor=float(arch.get("rope_scaling_factor", 8.0)),
-        pre_process=True,
-        post_process=True,
-    )
-    return model, config
+    model = build_inference_model(arch, loop, stage_sizes=None, initialize=False, to_device=False)
+    return model, model.config
 
 
 def load_model_tensors(ckpt_dir: str) -> Dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ..errors import UsageError, cli_errors
+from ..looping.cli import add_inference_loop_args, validate_inference_loop_args
 
 PROG = "megatron_growloop.eval"
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
@@ -40,9 +41,7 @@ def _model_args(p) -> None:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--load", help="checkpoint directory (a --save dir or one iter_* dir)")
     src.add_argument("--hf", help="Hugging Face model directory (converted with megatron_growloop.convert)")
-    g.add_argument("--repeat-block", action="append", default=[], metavar="S:E:R",
-                   help="run effective-depth positions S..E-1 R times in total (repeatable)")
-    g.add_argument("--loop-repeats", type=int, default=None, help="change k of a looped model")
+    add_inference_loop_args(p)
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
@@ -313,6 +312,8 @@ def cmd_export(args) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     with cli_errors(PROG):
         args = build_parser().parse_args(argv)
+        if args.command != "export-tasks":
+            validate_inference_loop_args(args)
         if args.command == "primitives":
             out = cmd_primitives(args)
         elif args.command == "nll":

@@ -74,31 +74,26 @@ def greedy_generate(
     try:
         if use_cache:
             ctx = StaticInferenceContext(b, s + max_new_tokens)
-            step_logits = model(prompt, _positions(0, s, b, prompt.device), None, inference_context=ctx, runtime_gather_output=True)
-            ctx.sequence_len_offset += s
-            for i in range(max_new_tokens):
-                nxt = pick(step_logits[:, -1, :])
-                nxt = torch.where(done, torch.full_like(nxt, stop_token if stop_token is not None else 0), nxt)
-                out = torch.cat([out, nxt[:, None]], dim=1)
-                if stop_token is not None:
-                    done |= nxt == stop_token
-                    if bool(done.all()):
-                        break
-                if i == max_new_tokens - 1:
-                    break
-                pos = _positions(ctx.sequence_len_offset, 1, b, prompt.device)
-                step_logits = model(nxt[:, None], pos, None, inference_context=ctx, runtime_gather_output=True)
-                ctx.sequence_len_offset += 1
+
+            def step(seq: torch.Tensor) -> torch.Tensor:
+                # prefill the prompt once, then feed only the newest token; the cache keeps the rest
+                new = seq[:, ctx.sequence_len_offset:]
+                pos = _positions(ctx.sequence_len_offset, new.shape[1], b, seq.device)
+                step_logits = model(new, pos, None, inference_context=ctx, runtime_gather_output=True)
+                ctx.sequence_len_offset += new.shape[1]
+                return step_logits[:, -1, :]
         else:
-            for _ in range(max_new_tokens):
-                full = model(out, _positions(0, out.shape[1], b, out.device), None)
-                nxt = pick(full[:, -1, :])
-                nxt = torch.where(done, torch.full_like(nxt, stop_token if stop_token is not None else 0), nxt)
-                out = torch.cat([out, nxt[:, None]], dim=1)
-                if stop_token is not None:
-                    done |= nxt == stop_token
-                    if bool(done.all()):
-                        break
+            def step(seq: torch.Tensor) -> torch.Tensor:
+                return model(seq, _positions(0, seq.shape[1], b, seq.device), None)[:, -1, :]
+
+        filler = torch.full((b,), stop_token if stop_token is not None else 0, dtype=prompt.dtype, device=prompt.device)
+        for _ in range(max_new_tokens):
+            nxt = torch.where(done, filler, pick(step(out)))
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            if stop_token is not None:
+                done |= nxt == stop_token
+                if bool(done.all()):
+                    break
     finally:
         model.train(was_training)
     return out

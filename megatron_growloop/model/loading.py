@@ -62,8 +62,14 @@ def build_inference_model(
     bf16: bool = False,
     parallel_output: bool = False,
     stage_sizes="__auto__",
+    initialize: bool = True,
+    to_device: bool = True,
 ) -> GrowLoopGPTModel:
-    """Build (randomly initialised) this rank's part of the model described by ``arch``."""
+    """Build this rank's part of the model described by ``arch``, in eval mode.
+
+    Weights are randomly initialised (``initialize=False`` skips that when every parameter
+    is overwritten next, as in conversion); ``to_device`` moves the model to the GPU when
+    there is one."""
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if arch["num_attention_heads"] % tp:
@@ -74,6 +80,7 @@ def build_inference_model(
     ns.loop = loop
     ns.repeat_block = tuple(repeat_blocks)
     config = build_transformer_config(ns, stage_sizes=stage_sizes)
+    config.perform_initialization = initialize
     model = build_model(
         config,
         vocab_size=arch["padded_vocab_size"],
@@ -85,7 +92,7 @@ def build_inference_model(
         rope_scaling_factor=float(arch.get("rope_scaling_factor", 8.0)),
         parallel_output=parallel_output,
     )
-    if platform.has_cuda():
+    if to_device and platform.has_cuda():
         model.cuda(torch.cuda.current_device())
     model.eval()
     return model
