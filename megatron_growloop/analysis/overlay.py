@@ -124,18 +124,19 @@ def compare(dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] =
     # ---- norms (Fig. 3, 14)
     ns = [m["norms"] for m in models if "norms" in m]
     if ns:
-        fig, axes = plt.subplots(1, 3, figsize=(14, 3.5))
+        fig, axes = plt.subplots(1, 4, figsize=(18, 3.5))
         for i, r in enumerate(ns):
             K = len(r.arrays["resid_mean"])
             x = _x(r, K, normalize_depth)
-            for ax, q in zip(axes, ("resid_mean", "attn_rel_mean", "layer_rel_mean")):
+            for ax, q in zip(axes, ("resid_mean", "attn_rel_mean", "mlp_rel_mean", "layer_rel_mean")):
                 ax.plot(x, r.arrays[q], marker="o", ms=3, color=f"C{i}", label=_label(r))
             summary.setdefault(_label(r), {})["resid_growth"] = r.scalars.get("resid_growth")
-        axes[0].set_yscale("log")
         axes[0].set_ylabel("mean residual norm ||h||")
         axes[1].set_ylabel("mean attention ||a|| / ||h||")
-        axes[2].set_ylabel("mean layer ||a+m|| / ||h||")
+        axes[2].set_ylabel("mean MLP ||m|| / ||h+a||")
+        axes[3].set_ylabel("mean layer ||a+m|| / ||h||")
         for ax in axes:
+            ax.set_yscale("log")  # the first layer's ratios are orders of magnitude above the rest
             ax.set_xlabel(f"application ({xl})", fontsize=8)
         axes[0].legend(fontsize=7)
         fig.suptitle("Residual stream and sublayer contributions", fontsize=9)

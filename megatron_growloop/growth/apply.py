@@ -37,7 +37,7 @@ from . import flops as growth_flops
 from .operators import Lineage, compose, grow_lineage, initial_lineage
 from ..training.optimizer_state import ensure_optimizer_state, load_optimizer_state
 from .source_view import DedupLoadStrategy, source_view_sharded_state_dict
-from .transfer import CheckpointTransfer, MemoryTransfer, memory_transfer_possible
+from .transfer import CheckpointTransfer, ExchangeTransfer, MemoryTransfer, memory_transfer_possible
 
 __all__ = ["DedupLoadStrategy", "check_resume_depth", "maybe_grow", "grow", "flops_report", "scratch_base"]
 
@@ -151,9 +151,9 @@ def _choose_transfer(trainer, src: List[int], new_depth: int):
     if mode == "memory":
         raise UsageError(
             "--grow-transfer memory: layers would move to another pipeline stage at this growth step; "
-            "use --grow-transfer auto or checkpoint"
+            "use --grow-transfer auto, exchange or checkpoint"
         )
-    return _checkpoint_transfer(trainer)
+    return ExchangeTransfer()
 
 
 def grow(trainer, steps: List[int]) -> Dict[str, float]:

@@ -16,9 +16,11 @@ def add_growth_args(parser) -> None:
     g.add_argument("--grow-alpha", type=float, default=1.0)
     g.add_argument("--grow-iters", type=int, default=None,
                    help="T: iterations of the growth phase (all stages incl. the first at full depth)")
-    g.add_argument("--grow-transfer", choices=["auto", "memory", "checkpoint"], default="auto",
-                   help="how a growth step carries the state to the rebuilt model: in memory (when no layer "
-                        "changes pipeline stage), through a scratch checkpoint, or auto (memory when possible)")
+    g.add_argument("--grow-transfer", choices=["auto", "memory", "exchange", "checkpoint"], default="auto",
+                   help="how a growth step carries the state to the rebuilt model: in memory (only when no "
+                        "layer changes pipeline stage), in memory plus a collective exchange of the layers that "
+                        "move between stages, through a scratch checkpoint, or auto (memory when possible, "
+                        "else exchange)")
     g.add_argument("--grow-scratch-dir", default=None,
                    help="directory for the temporary checkpoint of a growth step, visible to all ranks "
                         "(default: /dev/shm on one node, else <save>/growth_scratch)")

@@ -13,6 +13,11 @@ what ``dist_checkpointing.load`` would.
   whenever no layer changes pipeline stage (always with PP=1; the distributed optimizer's
   model-space state is gathered over data-parallel ranks, so DP resharding is local) --
   and skips all serialization.  :func:`memory_transfer_possible` decides, collectively.
+* :class:`ExchangeTransfer` is the memory transfer plus one collective exchange: every rank
+  names the shards it lacks (the layers that move to its pipeline stage), the lowest rank
+  holding each sends it, and each rank receives only what it asked for.  Exact whenever
+  every requested shard was held, unchanged, by some rank (growth never changes TP/DP
+  sharding, only which stage holds a layer), without touching a file system.
 """
 
 from __future__ import annotations
@@ -56,15 +61,24 @@ class MemoryTransfer:
         sharded, nonpersistent, factories = load_preprocess(request)
         sharded, _ = extract_sharded_base(sharded)
         missing = []
+        handed_out = set()
 
         def fetch(x):
             if not isinstance(x, ShardedBase):
                 return x
+            ident = shard_identity(x)
             try:
-                return self._index[shard_identity(x)]
+                value = self._index[ident]
             except KeyError:
                 missing.append(x.key)
                 return None
+            if ident in handed_out:
+                # several new layers copy one old layer: each must get its own tensors, or
+                # an optimizer that keeps loaded state tensors as they are (torch Adam) would
+                # update one shared moment tensor once per copy
+                return value.clone() if torch.is_tensor(value) else copy.deepcopy(value)
+            handed_out.add(ident)
+            return value
 
         loaded = dict_list_map_outplace(fetch, sharded)
         if missing:
@@ -77,6 +91,42 @@ class MemoryTransfer:
     def cleanup(self, collective: bool = True) -> None:
         self._index.clear()
         self._common = {}
+
+
+def _compact(x):
+    return x.detach().clone() if torch.is_tensor(x) else x
+
+
+class ExchangeTransfer(MemoryTransfer):
+    name = "exchange"
+
+    def load(self, request: Dict[str, Any]) -> Dict[str, Any]:
+        sharded, _, _ = load_preprocess(request)
+        sharded, _ = extract_sharded_base(sharded)
+        missing = sorted({shard_identity(x) for x in nested_values(sharded)} - set(self._index), key=repr)
+        world, rank = dist.get_world_size(), dist.get_rank()
+        wanted: list = [None] * world
+        dist.all_gather_object(wanted, missing)
+        union = sorted({i for w in wanted for i in w}, key=repr)
+        held: list = [None] * world
+        dist.all_gather_object(held, [i for i in union if i in self._index])
+        supplier: Dict[Tuple, int] = {}
+        for r in range(world):
+            for ident in held[r]:
+                supplier.setdefault(ident, r)
+        lost = [i for i in union if i not in supplier]
+        if lost:
+            raise RuntimeError(f"growth exchange: no rank holds {len(lost)} requested shards, e.g. {lost[:2]}")
+        for src in range(world):  # one scatter per sender; a rank receives only its own shards
+            payload = None
+            if rank == src:
+                # clone: a shard may be a view into a larger buffer, and pickling a view sends its storage
+                payload = [{i: _compact(self._index[i]) for i in wanted[r] if supplier[i] == src}
+                           for r in range(world)]
+            got: list = [None]
+            dist.scatter_object_list(got, payload, src=src)
+            self._index.update(got[0])
+        return super().load(request)
 
 
 class CheckpointTransfer:
