@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Every CPU benchmark of docs/benchmarks.md, in sequence (run on an otherwise idle machine).
+#   bash benchmarks/run_all.sh            # ~20-25 min on 2 cores; JSON in benchmarks/results/
+set -euo pipefail
+cd "$(dirname "$0")/.."
+R=benchmarks/results
+export PYTHONWARNINGS=ignore
+python benchmarks/train_throughput.py --out $R/train_throughput_cpu.json
+OMP_NUM_THREADS=1 python benchmarks/looping.py
+python benchmarks/growth.py --repeats 3 --iters 10 --json $R/growth.json
+python benchmarks/growth.py --repeats 3 --iters 10 --grow-transfer checkpoint --json $R/growth_checkpoint.json
+OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node 2 benchmarks/growth.py --repeats 2 --method midas \
+    --pipeline-model-parallel-size 2 --json $R/growth_pp2_midas.json
+OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node 2 benchmarks/growth.py --repeats 2 --method midas \
+    --pipeline-model-parallel-size 2 --grow-transfer checkpoint --json $R/growth_pp2_midas_checkpoint.json
+python benchmarks/convert.py --rounds 3
+HF=$(python -c "from megatron_growloop.convert import smollm2_hf_dir; print(smollm2_hf_dir())")
+python benchmarks/eval.py --hf "$HF" --tasks copy_random,va_basic_d2 --limit 5 --out $R/eval.json
