@@ -93,6 +93,7 @@ def compare(dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] =
     ls = [m["lens"] for m in models if "lens" in m]
     if ls:
         has_acc = all("tuned_acc_norm" in r.arrays for r in ls)
+        same_task = len({r.config.get("task") for r in ls}) == 1
         fig, axes = plt.subplots(1, 3 if has_acc else 2, figsize=(14 if has_acc else 9.5, 3.5))
         for i, r in enumerate(ls):
             K = len(r.arrays["tuned_kl"])
@@ -100,18 +101,22 @@ def compare(dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] =
             axes[0].plot(x, np.maximum(r.arrays["tuned_kl"], 1e-6), marker="o", ms=3, color=f"C{i}", label=_label(r))
             axes[1].plot(x, r.arrays["tuned_top5"], marker="o", ms=3, color=f"C{i}", label=_label(r))
             if has_acc:
-                axes[2].plot(x, r.arrays["tuned_acc_norm"], marker="o", ms=3, color=f"C{i}", label=_label(r))
+                task = r.config.get("task")
+                axes[2].plot(x, r.arrays["tuned_acc_norm"], marker="o", ms=3, color=f"C{i}",
+                             label=_label(r) if same_task else f"{_label(r)}: {task}")
+                ch = r.scalars.get("task_chance")
+                if ch:
+                    axes[2].axhline(ch, color=f"C{i}" if not same_task else "grey", ls="--", lw=0.8)
             summary.setdefault(_label(r), {})["mean_tuned_kl"] = r.scalars.get("mean_tuned_kl")
         axes[0].set_yscale("log")
         axes[0].set_ylabel("tuned lens KL(final || lens)")
         axes[1].set_ylabel("tuned lens top-5 overlap")
         axes[1].set_ylim(0, 1.02)
         if has_acc:
-            axes[2].set_ylabel(f"early-exit acc_norm ({ls[0].config.get('task')})")
+            axes[2].set_ylabel(f"early-exit acc_norm ({ls[0].config.get('task') if same_task else 'task per model'})")
             axes[2].set_ylim(0, 1.02)
-            ch = ls[0].scalars.get("task_chance")
-            if ch:
-                axes[2].axhline(ch, color="grey", ls="--", lw=0.8)
+            if not same_task:
+                axes[2].legend(fontsize=6)
         for ax in axes:
             ax.set_xlabel(f"lens after application ({xl})", fontsize=8)
         axes[0].legend(fontsize=7)
@@ -168,6 +173,7 @@ def compare(dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] =
     sw = [m["swap"] for m in models if "swap" in m]
     if sw:
         widths = sorted({w for r in sw for w in r.config["widths"]})
+        same_task = len({r.config.get("task") for r in sw}) == 1
         fig, axes = plt.subplots(1, len(widths), figsize=(6.5 * len(widths), 3.5), squeeze=False)
         for j, w in enumerate(widths):
             ax = axes[0][j]
@@ -178,9 +184,11 @@ def compare(dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] =
                 K = r.model.get("effective_depth", 1)
                 pos = np.asarray(r.arrays[f"positions_w{w}"], dtype=float) + w - 0.5
                 x = pos / max(K - 1, 1) if normalize_depth else pos
-                ax.plot(x, r.arrays[f"{metric}_w{w}"], marker="o", ms=3, color=f"C{i}", label=_label(r))
+                label = _label(r) if same_task else f"{_label(r)}: {r.config.get('task')}"
+                ax.plot(x, r.arrays[f"{metric}_w{w}"], marker="o", ms=3, color=f"C{i}", label=label)
                 ax.axhline(r.scalars["baseline"][metric], color=f"C{i}", ls=":", lw=1)
-            ax.set_title(f"swapping {w}-layer blocks ({sw[0].config.get('task')}, {sw[0].config.get('metric')}; "
+            task = sw[0].config.get("task") if same_task else "task per model"
+            ax.set_title(f"swapping {w}-layer blocks ({task}, {sw[0].config.get('metric')}; "
                          "dotted: unswapped)", fontsize=8)
             ax.set_xlabel(f"centre of the swapped pair ({xl})", fontsize=8)
             ax.set_ylim(0, 1.02)

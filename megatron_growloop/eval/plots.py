@@ -26,6 +26,17 @@ def _structure_lines(ax, model: Dict[str, Any], axis: str = "x", offset: float =
         draw(b + offset, color="tab:red", lw=1.0, ls="--", alpha=0.8)
 
 
+def _cell_edges(centres):
+    """Edges of cells centred on sorted ``centres`` (half-way between neighbours)."""
+    import numpy as np
+
+    c = np.asarray(centres, dtype=float)
+    if len(c) == 1:
+        return np.array([c[0] - 0.5, c[0] + 0.5])
+    mid = (c[1:] + c[:-1]) / 2
+    return np.concatenate([[c[0] - (mid[0] - c[0])], mid, [c[-1] + (c[-1] - mid[-1])]])
+
+
 def plot_repeat_block(result: Dict[str, Any], path: str, metric: str = "acc_norm") -> str:
     """One heatmap per task (+ the task mean): block start (x) x total applications R (y).
 
@@ -44,8 +55,11 @@ def plot_repeat_block(result: Dict[str, Any], path: str, metric: str = "acc_norm
     model = result.get("model", {})
     for ax, name in zip(axes.flat, names):
         data = np.array([[np.nan if v is None else v for v in row] for row in result[metric][name]], dtype=float)
-        im = ax.imshow(data, origin="lower", aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis",
-                       extent=(starts[0] - 0.5, starts[-1] + 0.5, -0.5, len(repeats) - 0.5))
+        # cells centred on their start positions (starts need not be contiguous: 9, 13, 17)
+        im = ax.pcolormesh(_cell_edges(starts), np.arange(len(repeats) + 1) - 0.5, data,
+                           vmin=0.0, vmax=1.0, cmap="viridis")
+        if len(starts) <= 12:
+            ax.set_xticks(starts)
         ax.set_yticks(range(len(repeats)))
         ax.set_yticklabels([str(r) for r in repeats])
         ax.set_title(name + ("" if name == "mean" else f" (chance {result['chance'][name]:.0%})"), fontsize=9)
@@ -55,10 +69,12 @@ def plot_repeat_block(result: Dict[str, Any], path: str, metric: str = "acc_norm
         for b in range(0, (starts[-1] if starts else 0) + 1, bs):
             ax.axvline(b - 0.5, color="grey", lw=0.6, ls=":")
         _structure_lines(ax, model)
+        edges = _cell_edges(starts)
+        ax.set_xlim(edges[0], edges[-1])  # the guide lines must not widen the axis
         if data.size <= 120:
             for (i, j), v in np.ndenumerate(data):
                 if not np.isnan(v):
-                    ax.text(starts[0] + j, i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
+                    ax.text(starts[j], i, f"{100 * v:.0f}", ha="center", va="center", fontsize=6,
                             color="white" if v < 0.6 else "black")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
