@@ -63,6 +63,7 @@ def hf_to_mcore(
     from .. import accounting
     from ..growth.operators import initial_lineage
     from ..training import checkpointing
+    from ..training.save_strategy import SyncSaveStrategy
     from .megatron_io import build_single_rank_model, ensure_single_process
 
     out = check_new_output(out_dir)
@@ -132,7 +133,9 @@ def hf_to_mcore(
                 meta["tokenizer"].update(type="HuggingFaceTokenizer", model=str(final_iter / TOKENIZER_SUBDIR))
             for name, path in src.extra_files.items():
                 meta["hf"][name.replace(".json", "")] = json.loads(path.read_text())
-            checkpointing.save_checkpoint(str(tmp), ITERATION, [model], metadata=meta)
+            # one process: write in-process (fsynced) instead of megatron's forked async writers
+            checkpointing.save_checkpoint(str(tmp), ITERATION, [model], metadata=meta,
+                                          sharded_strategy=SyncSaveStrategy(sync_files=True))
             if tok_stage.exists():
                 tok_stage.rename(tok_tmp)
         del model, params

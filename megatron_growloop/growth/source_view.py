@@ -26,13 +26,7 @@ from typing import Any, Dict, Sequence, Tuple
 import torch
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
-from megatron.core.dist_checkpointing.strategies.torch import (
-    MCoreSavePlanner,
-    TorchDistLoadShardedStrategy,
-    TorchDistSaveShardedStrategy,
-    _replace_state_dict_keys_with_sharded_keys,
-    mcore_to_pyt_state_dict,
-)
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 
 LAYER_PREFIX = "decoder.layers."
@@ -110,26 +104,3 @@ class DedupLoadStrategy(TorchDistLoadShardedStrategy):
             return value
 
         return rebuild(sharded_state_dict)
-
-
-class SyncSaveStrategy(TorchDistSaveShardedStrategy):
-    """torch_dist saving written synchronously by the calling process.
-
-    megatron-core's default writer forks helper processes for every save (and spawns a
-    multiprocessing manager on the first one), fsyncs every file, and is built for
-    asynchronous checkpoints; a growth step's scratch checkpoint is read back immediately
-    and thrown away, so it is written in-process without fsync.  Same on-disk format.
-    """
-
-    def __init__(self):
-        super().__init__("torch_dist", 1)
-
-    def save(self, sharded_state_dict, checkpoint_dir):
-        from torch.distributed.checkpoint import FileSystemWriter
-        from torch.distributed.checkpoint import save as dcp_save
-
-        sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
-        pyt_state_dict = mcore_to_pyt_state_dict(sd, False)
-        writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, sync_files=False, thread_count=1)
-        planner = MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False)
-        dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)

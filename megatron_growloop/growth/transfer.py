@@ -37,7 +37,8 @@ from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess, s
 from megatron.core.dist_checkpointing.utils import extract_sharded_base
 
 from .. import platform
-from .source_view import DedupLoadStrategy, SyncSaveStrategy, shard_identity
+from ..training.save_strategy import SyncSaveStrategy
+from .source_view import DedupLoadStrategy, shard_identity
 
 
 class MemoryTransfer:
@@ -141,7 +142,7 @@ class CheckpointTransfer:
         self.path = path[0]
 
     def save(self, state: Dict[str, Any]) -> None:
-        dist_checkpointing.save(state, self.path, sharded_strategy=SyncSaveStrategy(), validate_access_integrity=False)
+        dist_checkpointing.save(state, self.path, sharded_strategy=SyncSaveStrategy(sync_files=False), validate_access_integrity=False)
 
     def load(self, request: Dict[str, Any]) -> Dict[str, Any]:
         return dist_checkpointing.load(request, self.path, sharded_strategy=DedupLoadStrategy(),

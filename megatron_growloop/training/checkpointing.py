@@ -179,8 +179,12 @@ def save_checkpoint(
     scheduler=None,
     common: Optional[Dict[str, Any]] = None,
     metadata: Optional[Dict[str, Any]] = None,
+    sharded_strategy=None,
 ) -> str:
-    """Save model (+ optimizer, scheduler, RNG, counters) at ``iteration``; return its directory."""
+    """Save model (+ optimizer, scheduler, RNG, counters) at ``iteration``; return its directory.
+
+    ``sharded_strategy``: megatron-core's default torch_dist writer when None (training), or
+    e.g. :class:`~megatron_growloop.training.save_strategy.SyncSaveStrategy` (conversion)."""
     root = Path(save_dir)
     final = root / iter_dir_name(iteration)
     tmp = root / (iter_dir_name(iteration) + ".tmp")
@@ -200,7 +204,7 @@ def save_checkpoint(
     state["rng_state"] = _rng_sharded_object(_rng_state())
     state["iteration"] = iteration
     state["growloop"] = dict(common or {})
-    dist_checkpointing.save(state, str(tmp), validate_access_integrity=True)
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=sharded_strategy, validate_access_integrity=True)
     dist.barrier()
     if rank0:
         meta = dict(metadata or {})
