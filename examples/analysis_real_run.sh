@@ -4,7 +4,7 @@
 # applications deep, `small` preset, 300 iterations on the embedded corpus), `analysis all`
 # on each and on SmolLM2-135M-Instruct (the real-weights fixture), then `compare`.
 #
-#   bash examples/analysis_real_run.sh                  # everything (~1.5 h on 2 CPU cores)
+#   bash examples/analysis_real_run.sh                  # everything (~1.5-2 h on 2 CPU cores)
 #   STEPS="analyse compare" bash examples/analysis_real_run.sh   # reuse trained models
 #   OUT=docs/figures/analysis bash examples/analysis_real_run.sh # where the figures go
 set -euo pipefail
