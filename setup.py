@@ -22,6 +22,7 @@ setup(
         "safetensors",
         "gguf",
         "matplotlib",
+        "psutil",  # megatron-core's torch_dist checkpoint writer measures memory with it
     ],
     extras_require={
         # GPU clusters: Transformer Engine (with its PyTorch part) and flash-attention.

@@ -39,6 +39,13 @@ def load_dirs(dirs: Sequence[str], labels: Optional[Sequence[str]] = None) -> Li
     return out
 
 
+def _savefig(plt, fig, out: Path, kind: str) -> str:
+    path = str(out / f"compare_{kind}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _x(r: Result, n: int, normalize: bool) -> np.ndarray:
     x = np.arange(n, dtype=float)
     return x / max(n - 1, 1) if normalize else x
@@ -82,9 +89,7 @@ def compare(dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] =
         axes[1].legend(fontsize=7)
         fig.suptitle(f"Depth score ({ds[0].config.get('mode')} mode)", fontsize=9)
         fig.tight_layout()
-        paths["depth_score"] = str(out / "compare_depth_score.png")
-        fig.savefig(paths["depth_score"], dpi=100)
-        plt.close(fig)
+        paths["depth_score"] = _savefig(plt, fig, out, "depth_score")
         for r in ds:
             summary.setdefault(_label(r), {})["depth_score"] = r.scalars["depth_score"]
             summary[_label(r)]["depth_score_normalized"] = r.scalars["depth_score_normalized"]
@@ -122,9 +127,7 @@ def compare(dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] =
         axes[0].legend(fontsize=7)
         fig.suptitle("Early exit with the tuned lens", fontsize=9)
         fig.tight_layout()
-        paths["lens"] = str(out / "compare_lens.png")
-        fig.savefig(paths["lens"], dpi=100)
-        plt.close(fig)
+        paths["lens"] = _savefig(plt, fig, out, "lens")
 
     # ---- norms (Fig. 3, 14)
     ns = [m["norms"] for m in models if "norms" in m]
@@ -146,9 +149,7 @@ def compare(dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] =
         axes[0].legend(fontsize=7)
         fig.suptitle("Residual stream and sublayer contributions", fontsize=9)
         fig.tight_layout()
-        paths["norms"] = str(out / "compare_norms.png")
-        fig.savefig(paths["norms"], dpi=100)
-        plt.close(fig)
+        paths["norms"] = _savefig(plt, fig, out, "norms")
 
     # ---- local effects (Fig. 4, 13)
     le = [m["local_effects"] for m in models if "local_effects" in m]
@@ -165,9 +166,7 @@ def compare(dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] =
             ax.set_ylabel("removed s", fontsize=8)
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.85, label="relative change (max)")
         fig.suptitle("Future local effects", fontsize=9)
-        paths["local_effects"] = str(out / "compare_local_effects.png")
-        fig.savefig(paths["local_effects"], dpi=100)
-        plt.close(fig)
+        paths["local_effects"] = _savefig(plt, fig, out, "local_effects")
 
     # ---- swaps (Fig. 5, 11)
     sw = [m["swap"] for m in models if "swap" in m]
@@ -194,9 +193,7 @@ def compare(dirs: Sequence[str], out_dir: str, labels: Optional[Sequence[str]] =
             ax.set_ylim(0, 1.02)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        paths["swap"] = str(out / "compare_swap.png")
-        fig.savefig(paths["swap"], dpi=100)
-        plt.close(fig)
+        paths["swap"] = _savefig(plt, fig, out, "swap")
     (out / "compare.json").write_text(json.dumps({"dirs": list(dirs), "summary": summary, "figures": paths},
                                                  indent=1, default=str) + "\n")
     return paths

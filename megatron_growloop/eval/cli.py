@@ -257,14 +257,19 @@ def cmd_sweep_repeat(args) -> Dict[str, Any]:
                                     num_fewshot=args.num_fewshot, template=args.template, log=_log,
                                     on_update=lambda partial: _write_json(args.out, {**partial, "model": info,
                                                                                      "partial": True}, quiet=True))
+    return _finish_sweep(args, res, info, plots.plot_repeat_block)
+
+
+def _finish_sweep(args, res: Dict[str, Any], info, plot) -> Dict[str, Any]:
+    """Record the model and write the sweep's JSON and (driver rank) its PNG."""
+    from .parallel import is_driver
+
     res["model"] = info
     res["plot_metric"] = args.metric
     _write_json(args.out, res)
-    from .parallel import is_driver
-
     if is_driver():
         path = args.plot or str(Path(args.out).with_suffix(".png"))
-        plots.plot_repeat_block(res, path, metric=args.metric)
+        plot(res, path, metric=args.metric)
         print(f"wrote {path}", flush=True)
     return res
 
@@ -281,16 +286,7 @@ def cmd_sweep_icl(args) -> Dict[str, Any]:
     shots = _int_list(args.shots) if args.shots else None
     res = sweeps.icl_sweep(engine, args.tasks, shots=shots, max_length=ctx, token_length=_token_length(engine),
                            limit=args.limit, seed=args.seed, template=args.template, log=_log)
-    res["model"] = info
-    res["plot_metric"] = args.metric
-    _write_json(args.out, res)
-    from .parallel import is_driver
-
-    if is_driver():
-        path = args.plot or str(Path(args.out).with_suffix(".png"))
-        plots.plot_icl(res, path, metric=args.metric)
-        print(f"wrote {path}", flush=True)
-    return res
+    return _finish_sweep(args, res, info, plots.plot_icl)
 
 
 def cmd_lm_eval(args) -> Dict[str, Any]:
