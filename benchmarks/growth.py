@@ -33,10 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def _trainer(argv):
-    from megatron_growloop.training.arguments import parse_args
-    from megatron_growloop.training.trainer import Trainer
+    from megatron_growloop.pretrain import build_trainer, parse_pretrain_args
 
-    t = Trainer(parse_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1"))))
+    t = build_trainer(parse_pretrain_args(argv, world_size=int(os.environ.get("WORLD_SIZE", "1"))))
     t.setup()
     return t
 
@@ -97,8 +96,6 @@ def main(argv=None):
 
     import torch.distributed as dist
 
-    from megatron_growloop.growth.apply import grow
-
     depths = [a.start_layers + i * a.block_size for i in range(a.grow_steps + 1)]
     grown_steps = {d: [] for d in depths}
     growth = {d: [] for d in depths[1:]}
@@ -111,7 +108,8 @@ def main(argv=None):
         for i, d in enumerate(depths):
             if i:
                 c0 = time.process_time()
-                times = grow(t, [i - 1])
+                (grower,) = t.controllers
+                times = grower.grow(t, [i - 1])
                 cpu["growth"][d].append(_median_over_ranks(time.process_time() - c0))
                 growth[d].append({k: _median_over_ranks(v) for k, v in times.items()})
             w, c = _step_times(t, a.iters, a.warmup)

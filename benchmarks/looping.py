@@ -39,8 +39,7 @@ VARIANTS = ("looped", "untied")
 
 def _trainer(ns, variant: str):
     from megatron_growloop.looping.spec import LoopSpec
-    from megatron_growloop.training.arguments import parse_args
-    from megatron_growloop.training.trainer import Trainer
+    from megatron_growloop.pretrain import build_trainer, parse_pretrain_args
 
     argv = [
         "--mock-data", "--vocab-size", str(ns.vocab), "--tokenizer-type", "ByteTokenizer",
@@ -55,7 +54,7 @@ def _trainer(ns, variant: str):
         argv += ["--num-layers", str(LoopSpec.parse(ns.loop).effective_depth)]
     if ns.recompute:
         argv += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
-    trainer = Trainer(parse_args(argv, world_size=1))
+    trainer = build_trainer(parse_pretrain_args(argv, world_size=1))
     trainer.setup()
     return trainer
 
@@ -158,7 +157,7 @@ def worker_memory(ns) -> dict:
     model = trainer.unwrapped
     return {
         "variant": ns.variant,
-        "unique_layers": trainer.num_layers,
+        "unique_layers": trainer.arch.num_layers,
         "effective_depth": model.effective_depth,
         "unique_parameters": sum(p.numel() for p in model.parameters()),
         "param_memory_bytes": _param_memory(trainer),

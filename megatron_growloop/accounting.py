@@ -84,24 +84,6 @@ class ArchShape:
         return 3 * self.forward_flops_per_token(depth, seq_len)
 
 
-@dataclass
-class FlopsTracker:
-    """Accumulates training FLOPs over a run whose depth may change (growth)."""
-
-    shape: ArchShape
-    seq_len: int
-    total: float = 0.0
-
-    def add_step(self, tokens: int, depth: int) -> float:
-        flops = float(tokens) * self.shape.training_flops_per_token(depth, self.seq_len)
-        self.total += flops
-        return flops
-
-    def baseline(self, tokens: int, depth: int) -> float:
-        """Training FLOPs of a model trained at fixed ``depth`` on the same tokens."""
-        return float(tokens) * self.shape.training_flops_per_token(depth, self.seq_len)
-
-
 def summary(config, vocab_size: int, tied: bool, seq_len: int, effective_depth: Optional[int] = None) -> dict:
     """The numbers logs and checkpoint metadata report for a model."""
     shape = ArchShape.from_config(config, vocab_size, tied)

@@ -8,6 +8,8 @@ status 2 without a traceback and without writing anything.
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from contextlib import contextmanager
 
@@ -19,8 +21,11 @@ class UsageError(ValueError):
         super().__init__(" ".join(str(message).split()))
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821
-    raise UsageError(message)
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` whose errors are one line and exit 2, like every other usage error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 @contextmanager
@@ -32,8 +37,6 @@ def cli_errors(prog: str):
     try:
         yield
     except UsageError as exc:
-        import os
-
         if os.environ.get("RANK", "0") == "0":
             print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2)

@@ -1,6 +1,9 @@
 """Entry point: ``torchrun --nproc_per_node N -m megatron_growloop.pretrain [flags]``.
 
 Run ``python -m megatron_growloop.pretrain --help`` for the flags (Megatron-LM names).
+Like Megatron-LM's ``pretrain_gpt.py`` this module composes the run: the trainer, plus
+the extensions that act on it (depth growth contributes its flags, their checks and a
+controller); the training loop itself never imports them.
 """
 
 from __future__ import annotations
@@ -10,31 +13,40 @@ import warnings
 from typing import List, Optional
 
 from .errors import cli_errors
+from .growth.cli import add_growth_args, growth_controller, validate_growth_args
+from .training.arguments import Launch, parse_args
+from .training.initialize import teardown
+from .training.trainer import Trainer
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
 
 
+def parse_pretrain_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> Launch:
+    """``pretrain``'s flags: the trainer's plus the growth extension's."""
+    return parse_args(argv, world_size, extra_args_providers=[add_growth_args],
+                      extra_validators=[validate_growth_args])
+
+
+def build_trainer(launch: Launch) -> Trainer:
+    """The trainer with the controllers the flags ask for."""
+    grower = growth_controller(launch.args)
+    return Trainer(launch, [grower] if grower is not None else [])
+
+
 def main(argv: Optional[List[str]] = None) -> dict:
     with cli_errors("megatron_growloop.pretrain"):
-        from .training.arguments import parse_args
-
-        args = parse_args(argv)
-        from .training.trainer import Trainer
-
-        trainer = Trainer(args)
+        trainer = build_trainer(parse_pretrain_args(argv))
         trainer.setup()
         summary = trainer.train()
         if trainer.is_logging_rank:
-            print(f"done: {summary['iteration']} iterations, final loss "
-                  f"{summary['final_loss'] if summary['final_loss'] is None else round(summary['final_loss'], 4)}",
+            loss = summary["final_loss"]
+            print(f"done: {summary['iteration']} iterations, final loss {loss if loss is None else round(loss, 4)}",
                   flush=True)
             if summary["checkpoint"]:
                 print(f"checkpoint: {summary['checkpoint']}", flush=True)
             if summary["tensorboard_dir"]:
                 print(f"tensorboard logs: {summary['tensorboard_dir']}  (tensorboard --logdir {summary['tensorboard_dir']})",
                       flush=True)
-        from .training.initialize import teardown
-
         teardown()
         return summary
 

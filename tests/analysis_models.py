@@ -12,21 +12,19 @@ VOCAB = 257  # ByteTokenizer
 
 
 def arch(num_layers: int, hidden: int = 32, loop=None, seq: int = 64):
-    return {
-        "num_layers": num_layers, "hidden_size": hidden, "num_attention_heads": 4, "num_query_groups": 2,
-        "ffn_hidden_size": 2 * hidden, "kv_channels": hidden // 4, "seq_length": seq,
-        "max_position_embeddings": 256, "rotary_base": 10000.0, "norm_epsilon": 1e-5,
-        "padded_vocab_size": 384, "untie_embeddings_and_output_weights": False, "loop": loop,
-    }
+    from megatron_growloop.model.arch import Arch
+
+    return Arch(num_layers=num_layers, hidden_size=hidden, num_attention_heads=4, num_query_groups=2,
+                ffn_hidden_size=2 * hidden, kv_channels=hidden // 4, seq_length=seq, max_position_embeddings=256,
+                rotary_base=10000.0, norm_epsilon=1e-5, padded_vocab_size=384, loop=loop)
 
 
 def build(num_layers: int = 4, loop=None, seed: int = 0, hidden: int = 32):
     """A randomly initialised GrowLoopGPTModel (needs the dist_1rank fixture)."""
-    from megatron_growloop.model.loading import build_inference_model
+    from megatron_growloop.model.gpt import build_inference_model
 
     torch.manual_seed(seed)
-    a = arch(num_layers, hidden, loop)
-    model = build_inference_model(a, loop=loop)
+    model = build_inference_model(arch(num_layers, hidden, loop))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

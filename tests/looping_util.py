@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Dict, Sequence, Tuple
 
 import torch
@@ -11,38 +10,32 @@ VOCAB = 128
 SEQ = 16
 
 
-def arch_ns(num_layers: int, loop=None, repeat_block: Sequence[str] = (), **extra) -> SimpleNamespace:
-    """An args-like namespace for ``build_transformer_config`` (tiny preset width)."""
-    ns = SimpleNamespace(
-        num_layers=num_layers,
-        hidden_size=64,
-        num_attention_heads=4,
-        num_query_groups=2,
-        ffn_hidden_size=176,
-        kv_channels=16,
-        norm_epsilon=1e-5,
-        init_method_std=0.02,
-        tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1,
-        loop=loop,
-        repeat_block=tuple(repeat_block),
-    )
-    for k, v in extra.items():
-        setattr(ns, k, v)
-    return ns
+def tiny_arch(num_layers: int, loop=None, **extra):
+    """An :class:`Arch` with the tiny preset's width (``extra`` overrides fields)."""
+    from megatron_growloop.model.arch import Arch
+
+    kw = dict(num_layers=num_layers, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+              ffn_hidden_size=176, kv_channels=16, seq_length=SEQ, max_position_embeddings=64,
+              padded_vocab_size=VOCAB, norm_epsilon=1e-5, init_method_std=0.02, loop=loop)
+    kw.update(extra)
+    return Arch(**kw)
 
 
 def build(num_layers: int, loop=None, repeat_blocks: Sequence[str] = (), seed: int = 0, **extra):
-    """A seeded :class:`GrowLoopGPTModel` (PP=1) with the tiny preset's width."""
+    """A seeded :class:`GrowLoopGPTModel` (PP=1) with the tiny preset's width; ``extra``:
+    architecture fields, or ``recompute_*`` implementation settings."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_growloop.model.config import build_transformer_config
+    from megatron_growloop.looping.spec import RepeatBlock
     from megatron_growloop.model.gpt import build_model
+    from megatron_growloop.model.implementation import Implementation
+    from megatron_growloop.model.parallel import ParallelLayout
 
+    impl = {k: extra.pop(k) for k in list(extra) if k.startswith("recompute_")}
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
-    config = build_transformer_config(arch_ns(num_layers, loop, repeat_blocks, **extra))
-    return build_model(config, vocab_size=VOCAB, max_sequence_length=64)
+    return build_model(tiny_arch(num_layers, loop, **extra), ParallelLayout(), Implementation(**impl),
+                       [RepeatBlock.parse(b) for b in repeat_blocks])
 
 
 def untied_copy(src, **extra):

@@ -1,28 +1,24 @@
 """FLOPs accounting matches what the model actually computes (FlopCounterMode) within 2%."""
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_growloop import accounting
-from megatron_growloop.model.config import build_transformer_config
+from megatron_growloop.model.arch import Arch
 from megatron_growloop.model.gpt import build_model
 
 
-def _args(**kw):
-    base = dict(num_layers=3, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=176,
-                kv_channels=16, norm_epsilon=1e-5, init_method_std=0.02, tensor_model_parallel_size=1,
-                pipeline_model_parallel_size=1, loop=None)
-    base.update(kw)
-    return SimpleNamespace(**base)
+def _model(num_layers: int, loop, vocab: int):
+    return build_model(Arch(num_layers=num_layers, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                            ffn_hidden_size=176, kv_channels=16, seq_length=32, max_position_embeddings=64,
+                            padded_vocab_size=vocab, loop=loop))
 
 
 @pytest.mark.parametrize("loop,layers", [(None, 3), ("1-1x3-1", 3)])
 def test_forward_and_training_flops_match_flop_counter(dist_1rank, loop, layers):
     vocab, seq, batch = 512, 32, 2
-    model = build_model(build_transformer_config(_args(num_layers=layers, loop=loop)), vocab, 64)
+    model = _model(layers, loop, vocab)
     tokens = torch.randint(0, vocab, (batch, seq))
     pos = torch.arange(seq).expand(batch, seq)
     shape = accounting.ArchShape.from_config(model.config, vocab, tied=True)
@@ -42,7 +38,7 @@ def test_forward_and_training_flops_match_flop_counter(dist_1rank, loop, layers)
 def test_unique_params_match_model(dist_1rank):
     vocab = 512
     for loop, n in [(None, 3), ("1-1x4-1", 3)]:
-        model = build_model(build_transformer_config(_args(num_layers=n, loop=loop)), vocab, 64)
+        model = _model(n, loop, vocab)
         shape = accounting.ArchShape.from_config(model.config, vocab, tied=True)
         assert shape.unique_params(model.config.num_layers) == sum(p.numel() for p in model.parameters())
 

@@ -15,6 +15,7 @@ import torch
 from megatron_growloop.convert import hf_to_mcore, mcore_to_hf
 from megatron_growloop.convert.fixtures import write_random_llama
 from megatron_growloop.convert.megatron_io import load_model_tensors
+from megatron_growloop.model.arch import Arch
 from megatron_growloop.convert.verify import compare_logits, hf_greedy
 from megatron_growloop.errors import UsageError
 
@@ -50,7 +51,7 @@ def test_llama3_logits_and_greedy_match_transformers(llama3):
     converted model's logits match transformers within 1e-4 relative on 600-token inputs (long
     enough for the scaled low frequencies to matter, checked below), and 32 greedy tokens agree."""
     from megatron_growloop.model.generate import greedy_generate, logits
-    from megatron_growloop.model.loading import load_model
+    from megatron_growloop.training.inference import load_model
 
     model, meta, tok = load_model(llama3.ckpt)
     assert meta["arch"]["rope_scaling"] and meta["arch"]["kv_channels"] == 24
@@ -116,7 +117,7 @@ def test_checkpoint_serves_local_and_te_requests(llama3):
     from megatron_growloop.convert.megatron_io import build_single_rank_model
 
     meta = json.loads((Path(llama3.ckpt) / "growloop.json").read_text())
-    model, _ = build_single_rank_model(meta["arch"])
+    model = build_single_rank_model(Arch.from_meta(meta["arch"]))
     request = model.sharded_state_dict()
     n = meta["arch"]["num_layers"]
     for i in range(n):
@@ -214,28 +215,26 @@ LOOP = "1-2x3-1"
 def looped(tmp_path_factory, dist_1rank):
     """A random tied looped model Loop(1-2x3-1) (4 unique layers, effective depth 8) saved by
     megatron_growloop's own checkpointing, with a ByteTokenizer vocabulary (257 -> 384 padded)."""
-    from megatron_growloop.model.loading import build_inference_model
+    from megatron_growloop.model.gpt import build_inference_model
     from megatron_growloop.training.checkpointing import save_checkpoint
 
     root = tmp_path_factory.mktemp("looped")
-    arch = dict(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+    arch = Arch(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                 kv_channels=16, seq_length=64, max_position_embeddings=256, rotary_base=10000.0,
-                rope_scaling=False, rope_scaling_factor=8.0, norm_epsilon=1e-5, init_method_std=0.02,
-                untie_embeddings_and_output_weights=False, padded_vocab_size=384, make_vocab_size_divisible_by=128,
-                loop=LOOP)
+                norm_epsilon=1e-5, init_method_std=0.02, padded_vocab_size=384, loop=LOOP)
     torch.manual_seed(3)
-    model = build_inference_model(arch, loop=LOOP)
+    model = build_inference_model(arch)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.08 * torch.randn_like(p))
     save_checkpoint(str(root / "ckpt"), 0, [model],
-                    metadata={"arch": arch, "tokenizer": {"type": "ByteTokenizer", "model": None, "vocab_size": 257}})
+                    metadata={"arch": arch.to_meta(), "tokenizer": {"type": "ByteTokenizer", "model": None, "vocab_size": 257}})
     return SimpleNamespace(root=root, ckpt=str(root / "ckpt"))
 
 
 def _ours_logits(ckpt, tokens, **kw):
     from megatron_growloop.model.generate import logits
-    from megatron_growloop.model.loading import load_model
+    from megatron_growloop.training.inference import load_model
 
     model, _, _ = load_model(ckpt, **kw)
     return logits(model, tokens)
@@ -304,13 +303,13 @@ def test_resume_without_checkpoint_args_names_the_mismatch(llama3, dist_1rank):
     from megatron_growloop.training.arguments import parse_args
     from megatron_growloop.training.trainer import Trainer
 
-    args = parse_args(["--load", llama3.ckpt, "--mock-data", "--vocab-size", "300", "--hidden-size", "64",
-                       "--num-attention-heads", "4", "--num-query-groups", "2", "--ffn-hidden-size", "96",
-                       "--num-layers", "3"], world_size=1)
+    launch = parse_args(["--load", llama3.ckpt, "--mock-data", "--vocab-size", "300", "--hidden-size", "64",
+                         "--num-attention-heads", "4", "--num-query-groups", "2", "--ffn-hidden-size", "96",
+                         "--num-layers", "3"], world_size=1)
     with pytest.raises(UsageError, match="kv_channels=24.*--use-checkpoint-args"):
-        Trainer(args)._resolve_resume()
+        Trainer(launch)
     args = parse_args(["--load", llama3.ckpt, "--use-checkpoint-args", "--mock-data", "--vocab-size", "300"],
-                      world_size=1)
+                      world_size=1).args
     assert (args.kv_channels, args.rope_scaling, args.untie_embeddings_and_output_weights) == (24, True, True)
     assert (args.rotary_base, args.num_layers, args.norm_epsilon) == (500000.0, 3, 1e-5)
 

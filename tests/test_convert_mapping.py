@@ -9,11 +9,11 @@ import torch
 from megatron_growloop.convert import mapping as mp
 from megatron_growloop.convert.hf_config import (
     arch_from_hf_config,
-    check_parallel_layout,
     hf_config_from_arch,
     rope_settings,
 )
 from megatron_growloop.errors import UsageError
+from megatron_growloop.model.arch import Arch, pad_vocab_size
 
 
 def _shape(nh=4, ng=2, hd=3, h=8, ffn=10, layers=2, vocab=50):
@@ -60,11 +60,11 @@ def test_fc1_is_gate_then_up():
 def test_vocab_padding_keeps_tp_divisibility_and_is_removed():
     """Padding goes to a multiple of divisible_by * TP (so every TP rank gets equal rows), with
     zero rows that are dropped again on export."""
-    assert mp.padded_vocab_size(49152, 128, 1) == 49152
-    assert mp.padded_vocab_size(128256, 128, 4) == 128512
-    assert mp.padded_vocab_size(300, 128, 3) == 384
+    assert pad_vocab_size(49152, 128, 1) == 49152
+    assert pad_vocab_size(128256, 128, 4) == 128512
+    assert pad_vocab_size(300, 128, 3) == 384
     for tp in (1, 2, 3, 4, 8):
-        assert mp.padded_vocab_size(50257, 128, tp) % tp == 0
+        assert pad_vocab_size(50257, 128, tp) % tp == 0
     w = torch.randn(300, 4)
     p = mp.pad_vocab(w, 384)
     assert p.shape == (384, 4) and torch.equal(p[:300], w) and not p[300:].any()
@@ -118,10 +118,10 @@ def test_names_match_megatron_model(dist_1rank):
     from megatron_growloop.convert.megatron_io import build_single_rank_model
 
     s = _shape(nh=4, ng=2, hd=16, h=64, ffn=96, layers=2, vocab=256)
-    arch = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+    arch = Arch(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                 kv_channels=16, seq_length=32, max_position_embeddings=64, rotary_base=10000.0,
                 norm_epsilon=1e-5, padded_vocab_size=256, untie_embeddings_and_output_weights=True)
-    model, _ = build_single_rank_model(arch)
+    model = build_single_rank_model(arch)
     hf = _random_hf(s, tied=False)
     local = mp.hf_to_mcore_state_dict(hf, s, 256, tied=False, naming="local")
     model_keys = {k for k in model.state_dict() if not k.endswith("_extra_state")}
@@ -156,11 +156,11 @@ def _llama_cfg(**kw):
 def test_arch_from_config_fields():
     """Every megatron field comes from the HF config; head_dim defaults to hidden/heads, vocab is padded."""
     arch, shape = arch_from_hf_config(_llama_cfg(), tp=2)
-    assert arch["kv_channels"] == 16 and shape.head_dim == 16
-    assert arch["num_query_groups"] == 2 and arch["rotary_base"] == 500000.0
-    assert arch["untie_embeddings_and_output_weights"] is True and arch["padded_vocab_size"] == 512
+    assert arch.kv_channels == 16 and shape.head_dim == 16
+    assert arch.num_query_groups == 2 and arch.rotary_base == 500000.0
+    assert arch.untie_embeddings_and_output_weights is True and arch.padded_vocab_size == 512
     arch, _ = arch_from_hf_config(_llama_cfg(head_dim=24, tie_word_embeddings=True))
-    assert arch["kv_channels"] == 24 and arch["untie_embeddings_and_output_weights"] is False
+    assert arch.kv_channels == 24 and arch.untie_embeddings_and_output_weights is False
 
 
 @pytest.mark.parametrize("style", ["legacy", "v5"])
@@ -201,11 +201,11 @@ def test_unsupported_configs_are_refused_in_one_line(change, needle):
 def test_parallel_layout_checks():
     """A target TP must divide heads, ffn and padded vocabulary; PP must not exceed the layers."""
     arch, _ = arch_from_hf_config(_llama_cfg(num_attention_heads=4, num_key_value_heads=2))
-    check_parallel_layout(arch, 2, 2)
+    arch.check_parallel(2, 2, what="target")
     with pytest.raises(UsageError, match="attention heads"):
-        check_parallel_layout(arch, 3, 1)
+        arch.check_parallel(3, 1, what="target")
     with pytest.raises(UsageError, match="PP 3"):
-        check_parallel_layout(arch, 1, 3)
+        arch.check_parallel(1, 3, what="target")
 
 
 def test_config_round_trip():

@@ -58,13 +58,14 @@ def test_reshard_refuses_impossible_layouts(tmp_path, dist_1rank):
     that does not fit the target is a one-line error before anything is built or written."""
     from megatron_growloop.convert.reshard import reshard
     from megatron_growloop.errors import UsageError
-    from megatron_growloop.model.loading import build_inference_model
+    from megatron_growloop.model.arch import Arch
+    from megatron_growloop.model.gpt import build_inference_model
     from megatron_growloop.training.checkpointing import save_checkpoint
 
-    arch = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+    arch = Arch(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                 kv_channels=16, seq_length=32, max_position_embeddings=64, rotary_base=10000.0,
-                norm_epsilon=1e-5, padded_vocab_size=384, untie_embeddings_and_output_weights=False, loop=None)
-    save_checkpoint(str(tmp_path / "ck"), 0, [build_inference_model(arch)], metadata={"arch": arch})
+                norm_epsilon=1e-5, padded_vocab_size=384)
+    save_checkpoint(str(tmp_path / "ck"), 0, [build_inference_model(arch)], metadata={"arch": arch.to_meta()})
     with pytest.raises(UsageError, match="attention heads"):
         reshard(str(tmp_path / "ck"), str(tmp_path / "out"), 3, 1)
     with pytest.raises(UsageError, match="PP 3 exceeds"):

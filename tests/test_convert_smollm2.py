@@ -45,7 +45,7 @@ def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm2, hf_model):
     """fp32, local spec, TP=PP=1: logits within 1e-4 relative max error of transformers on several
     prompts, and 32 greedy tokens (KV-cached megatron decoding) identical."""
     from megatron_growloop.model.generate import greedy_generate, logits
-    from megatron_growloop.model.loading import load_model
+    from megatron_growloop.training.inference import load_model
 
     model, meta, tok = load_model(smollm2.ckpt)
     assert tok is not None and meta["arch"]["untie_embeddings_and_output_weights"] is False

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import pretrain, read_metrics, run_module
 from megatron_growloop.data import default_corpus, synthetic
-from megatron_growloop.data.datasets import BatchSchedule, parse_blend
+from megatron_growloop.data.datasets import GlobalBatch, parse_blend
 from megatron_growloop.data.preprocess import iter_documents, preprocess
 from megatron_growloop.data.tokenizer import ByteTokenizer
 from megatron_growloop.errors import UsageError
@@ -97,8 +97,8 @@ def test_blend_parsing(tmp_path):
 
 def test_microbatch_order_matches_megatron_sampler():
     """Global batch = DP ranks' micro-batches interleaved per micro-step, as Megatron's sampler."""
-    s0 = BatchSchedule(2, 8, 2, 0)
-    s1 = BatchSchedule(2, 8, 2, 1)
+    s0 = GlobalBatch(2, 8, 2, 0)
+    s1 = GlobalBatch(2, 8, 2, 1)
     assert s0.num_microbatches == 2
     assert list(s0.microbatch_indices(16, 0)) == [16, 17]
     assert list(s1.microbatch_indices(16, 0)) == [18, 19]

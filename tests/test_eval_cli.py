@@ -27,7 +27,7 @@ def _primitives(ckpt, out, extra=(), nproc=1):
 
 def _reference(ckpt, blocks=()):
     """The same evaluation through the Python API in this process."""
-    from megatron_growloop.model.loading import load_model
+    from megatron_growloop.training.inference import load_model
 
     model, _, tok = load_model(ckpt, repeat_blocks=list(blocks))
     return scoring.evaluate_primitives(LogProbEngine(model, tok), TASKS, limit=LIMIT, num_fewshot=SHOTS,

@@ -20,7 +20,7 @@ TOL = 1e-4
 
 @pytest.fixture
 def plain(tiny_ckpts, dist_1rank):
-    from megatron_growloop.model.loading import load_model
+    from megatron_growloop.training.inference import load_model
 
     model, meta, tok = load_model(tiny_ckpts.plain)
     return model, meta, tok
@@ -69,7 +69,7 @@ def test_engine_matches_direct_logprobs(plain):
 def test_engine_matches_direct_with_repeated_block_and_loop(tiny_ckpts, dist_1rank):
     """The same holds when a block is repeated at inference and for a looped model with more
     repeats: each layer application keeps its own KV-cache slot."""
-    from megatron_growloop.model.loading import load_model
+    from megatron_growloop.training.inference import load_model
 
     model, _, tok = load_model(tiny_ckpts.plain, repeat_blocks=["1:3:3"])
     assert model.schedule == [0, 1, 2, 1, 2, 1, 2, 3]

@@ -41,12 +41,13 @@ def test_example_flags(tmp_path, script, world, final, k, growth_its):
     """Invariant: each example's flags parse; it grows with LIDAS B=4 from 4 layers to the paper's
     depth in k stages at the iterations its header states, all before the WSD cooldown starts
     (cooldown data from that iteration on), and the LR warmup ends before the first growth."""
-    from megatron_growloop.training.arguments import parse_args
+    from megatron_growloop.growth.cli import plan_from_args
+    from megatron_growloop.pretrain import parse_pretrain_args
 
     env = {"DATA": "/data/corpus_text_document", "MATH": "/data/math_text_document"}
     argv = _launch_args(script, tmp_path, env)
-    args = parse_args(argv, world_size=world)
-    plan = args.growth_plan
+    args = parse_pretrain_args(argv, world_size=world).args
+    plan = plan_from_args(args)
     assert (plan.method, plan.block_size, plan.start_depth, plan.final_depth) == ("lidas", 4, 4, final)
     assert plan.num_stages == k and plan.growth_iterations == growth_its
     assert ", ".join(map(str, growth_its)) in (ROOT / "examples" / script).read_text().replace(" and ", ", ")

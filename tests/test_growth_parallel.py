@@ -36,7 +36,7 @@ def _tensorboard_tags(logdir: str) -> set:
 
 
 @pytest.mark.slow
-def test_growth_tp2_pp2_distopt_layers_cross_stages(dist_1rank, tmp_path, monkeypatch):
+def test_growth_tp2_pp2_distopt_layers_cross_stages(dist_1rank, tmp_path):
     """Invariants (TP=2, PP=2, distributed optimizer, MIDAS 4 -> 8 -> 12, where copies land on
     the other pipeline stage): after each growth step every new layer's weights, fp32 main
     params and Adam moments equal its source layer's bitwise and nothing else changes; the
@@ -44,11 +44,8 @@ def test_growth_tp2_pp2_distopt_layers_cross_stages(dist_1rank, tmp_path, monkey
     at every iteration, growth steps included, is the uninterrupted cosine schedule; the growth
     plan and each growth event are printed and logged (console + tensorboard); the final
     checkpoint records depth 12, the lineage and the growth steps done."""
-    from megatron_growloop.growth.apply import DUMP_ENV
-
-    monkeypatch.setenv(DUMP_ENV, str(tmp_path / "dump"))
     save = tmp_path / "ck"
-    proc = pretrain([*COMMON, "--grow-method", "midas", "--tensor-model-parallel-size", "2",
+    proc = pretrain([*COMMON, "--grow-method", "midas", "--grow-dump-dir", tmp_path / "dump", "--tensor-model-parallel-size", "2",
                      "--pipeline-model-parallel-size", "2", "--use-distributed-optimizer",
                      "--save", save, "--save-interval", "2", "--metrics-file", tmp_path / "m.jsonl"], nproc=4)
     out = proc.stdout
@@ -78,7 +75,7 @@ def test_growth_tp2_pp2_distopt_layers_cross_stages(dist_1rank, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_resume_across_growth_equals_uninterrupted(dist_1rank, tmp_path, monkeypatch):
+def test_resume_across_growth_equals_uninterrupted(dist_1rank, tmp_path):
     """Invariants (DP=2, distributed optimizer, LIDAS 4 -> 8 -> 12, growth after iterations 2, 6):
     (a) after each growth step every new layer's weights, fp32 main params and Adam moments
     equal its source's bitwise, whether the state went through a scratch checkpoint (run 1) or
@@ -87,12 +84,9 @@ def test_resume_across_growth_equals_uninterrupted(dist_1rank, tmp_path, monkeyp
     bitwise; (c) run 3, resumed from run 1's checkpoint at iteration 4 *after* growth, starts
     at depth 8 and reproduces run 2's (uninterrupted) iterations 5-8 bitwise, growth at 6
     included; (d) the learning rate and FLOPs counters continue exactly."""
-    from megatron_growloop.growth.apply import DUMP_ENV
-
     base = [*COMMON, "--grow-method", "lidas", "--use-distributed-optimizer"]
     r1, r2 = tmp_path / "r1", tmp_path / "r2"
-    monkeypatch.setenv(DUMP_ENV, str(tmp_path / "dump1"))
-    p1 = pretrain([*base, "--grow-transfer", "checkpoint", "--save", r1, "--save-interval", "2",
+    p1 = pretrain([*base, "--grow-dump-dir", tmp_path / "dump1", "--grow-transfer", "checkpoint", "--save", r1, "--save-interval", "2",
                    "--exit-interval", "4", "--metrics-file", tmp_path / "m1.jsonl"], nproc=2)
     assert p1.stdout.count("(checkpoint transfer:") == 1
     counts = compare_grown(str(r1 / "iter_0000002"), dump_dir(str(tmp_path / "dump1"), 1))
@@ -100,14 +94,12 @@ def test_resume_across_growth_equals_uninterrupted(dist_1rank, tmp_path, monkeyp
     assert json.loads((r1 / "iter_0000002" / "growloop.json").read_text())["arch"]["num_layers"] == 4
     assert json.loads((r1 / "iter_0000004" / "growloop.json").read_text())["arch"]["num_layers"] == 8
 
-    monkeypatch.setenv(DUMP_ENV, str(tmp_path / "dump2"))
-    p2 = pretrain([*base, "--load", r1 / "iter_0000002", "--save", r2, "--save-interval", "2",
+    p2 = pretrain([*base, "--grow-dump-dir", tmp_path / "dump2", "--load", r1 / "iter_0000002", "--save", r2, "--save-interval", "2",
                    "--metrics-file", tmp_path / "m2.jsonl"], nproc=2)
     assert p2.stdout.count("(memory transfer:") == 2
     assert "growth step 1/2 (lidas) before iteration 3: 4 -> 8 layers" in p2.stdout
     counts = compare_grown(str(r2 / "iter_0000006"), dump_dir(str(tmp_path / "dump2"), 2))
     assert counts["param"] == counts["exp_avg"] == counts["exp_avg_sq"] == counts["weight"] == 6 * 12
-    monkeypatch.delenv(DUMP_ENV)
 
     p3 = pretrain([*base, "--load", r1, "--metrics-file", tmp_path / "m3.jsonl"], nproc=2)
     assert "growth step 2/2 (lidas) before iteration 7: 8 -> 12 layers" in p3.stdout

@@ -9,7 +9,7 @@ import pytest
 from megatron_growloop.accounting import ArchShape
 from megatron_growloop.errors import UsageError
 from megatron_growloop.growth import flops as gf
-from megatron_growloop.growth.schedule import GrowthPlan, prop_budgets
+from megatron_growloop.growth.plan import GrowthPlan, prop_budgets
 
 
 @pytest.mark.parametrize("k,T,alpha", [(6, 170_000, 1.0), (8, 170_000, 1.0), (3, 12, 1.0), (5, 101, 0.0),
@@ -101,11 +101,11 @@ ARGS = ["--tokenizer-type", "ByteTokenizer", "--train-iters", "100"]
 def test_bad_growth_settings_are_one_line_errors(extra, msg):
     """Invariant: impossible growth settings are rejected before anything runs, with one line
     naming the bad value."""
-    from megatron_growloop.training.arguments import parse_args
+    from megatron_growloop.pretrain import parse_pretrain_args
 
     world = 2 if "--pipeline-model-parallel-size" in extra else 1
     with pytest.raises(UsageError) as e:
-        parse_args(ARGS + extra, world_size=world)
+        parse_pretrain_args(ARGS + extra, world_size=world)
     assert msg in str(e.value) and "\n" not in str(e.value)
 
 

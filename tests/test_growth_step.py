@@ -13,17 +13,14 @@ import pytest
 from growth_checks import compare_grown, dump_dir
 
 
-def _train(tmp_path, monkeypatch, extra):
-    from megatron_growloop.growth.apply import DUMP_ENV
-    from megatron_growloop.training.arguments import parse_args
-    from megatron_growloop.training.trainer import Trainer
+def _train(tmp_path, extra):
+    from megatron_growloop.pretrain import build_trainer, parse_pretrain_args
 
-    monkeypatch.setenv(DUMP_ENV, str(tmp_path / "dump"))
     argv = ["--tokenizer-type", "ByteTokenizer", "--mock-data", "--vocab-size", "256",
             "--train-iters", "5", "--log-interval", "1", "--save", str(tmp_path / "ck"), "--save-interval", "2",
             "--metrics-file", str(tmp_path / "m.jsonl"), "--grow-final-layers", "8", "--grow-iters", "6",
-            *extra]
-    trainer = Trainer(parse_args(argv, world_size=1))
+            "--grow-dump-dir", str(tmp_path / "dump"), *extra]
+    trainer = build_trainer(parse_pretrain_args(argv, world_size=1))
     trainer.setup()
     return trainer, trainer.train()
 
@@ -31,7 +28,7 @@ def _train(tmp_path, monkeypatch, extra):
 @pytest.mark.parametrize("optim,transfer", [("adam", "memory"), ("adam", "checkpoint"), ("distopt", "memory"),
                                             ("distopt", "checkpoint"), ("bf16-distopt", "memory"),
                                             ("bf16-adam", "checkpoint")])
-def test_new_layers_equal_their_sources(dist_1rank, tmp_path, monkeypatch, capsys, optim, transfer):
+def test_new_layers_equal_their_sources(dist_1rank, tmp_path, capsys, optim, transfer):
     """Invariant: after growth (4 -> 8, LIDAS), with either transfer of the state, every new
     layer's weights and Adam moments (and the distributed optimizer's fp32 main params, also
     under bf16) equal those of its source layer bitwise, embeddings/norm/head and the Adam
@@ -42,9 +39,10 @@ def test_new_layers_equal_their_sources(dist_1rank, tmp_path, monkeypatch, capsy
     extra = ["--grow-method", "lidas", "--grow-transfer", transfer]
     extra += ["--use-distributed-optimizer"] if distopt else []
     extra += ["--bf16"] if optim.startswith("bf16") else []
-    trainer, summary = _train(tmp_path, monkeypatch, extra)
+    trainer, summary = _train(tmp_path, extra)
+    (grower,) = trainer.controllers
     # PROP-1 over 6 iterations with 2 stages: budgets 2, 4 -> grows after iteration 2
-    assert trainer.growth_plan.growth_iterations == [2]
+    assert grower.plan.growth_iterations == [2]
     counts = compare_grown(str(tmp_path / "ck" / "iter_0000002"), dump_dir(str(tmp_path / "dump"), 1))
     assert counts["weight"] == 6 * 8  # six layer tensors x eight layers
     assert counts["exp_avg"] == counts["exp_avg_sq"] == 6 * 8
@@ -61,7 +59,7 @@ def test_new_layers_equal_their_sources(dist_1rank, tmp_path, monkeypatch, capsy
     out = capsys.readouterr().out
     assert "grows after iterations [2]" in out
     assert "growth step 1/1 (lidas) before iteration 3: 4 -> 8 layers" in out
-    assert f"({transfer} transfer:" in out and trainer.last_growth["transfer"] == transfer
+    assert f"({transfer} transfer:" in out and grower.last_growth["transfer"] == transfer
     assert summary["growth_flops"]["final_depth"] == 8
 
 
@@ -83,45 +81,32 @@ def test_which_growth_steps_move_layers_between_pipeline_stages():
     assert old_layers_needed(midas(4, 4), [4, 4], 1) == {0, 1, 2, 3}
 
 
-def _fake_trainer(depth, iteration, saved_growth=None, lineage_len=None, finetune=False):
-    from types import SimpleNamespace
-
-    from megatron_growloop.growth.schedule import GrowthPlan
-
-    plan = GrowthPlan.build("lidas", 4, 4, 12, 12, 1.0)  # grows after iterations 2 and 6
-    n = depth if lineage_len is None else lineage_len
-    return SimpleNamespace(
-        growth_plan=plan, num_layers=depth,
-        state=SimpleNamespace(iteration=iteration, growth_steps_done=0,
-                              lineage=[{"root": i % 4, "born": 0} for i in range(n)]),
-        args=SimpleNamespace(finetune=finetune, load="CK"),
-        _load_meta={"growth": saved_growth} if saved_growth else None,
-    )
-
-
 def test_resume_depth_checks():
     """Invariant: a resumed depth must be one the plan passes through and not ahead of the plan;
     a checkpoint grown with other growth flags is refused; a consistent one sets the number of
     growth steps done (the rest happen at their iterations)."""
     from megatron_growloop.errors import UsageError
-    from megatron_growloop.growth.apply import check_resume_depth
+    from megatron_growloop.growth.controller import check_resume
+    from megatron_growloop.growth.plan import GrowthPlan
+
+    plan = GrowthPlan.build("lidas", 4, 4, 12, 12, 1.0)  # grows after iterations 2 and 6
+
+    def check(depth, iteration, saved=None, lineage_len=None):
+        n = depth if lineage_len is None else lineage_len
+        return check_resume(plan, depth, iteration, [{"root": i % 4, "born": 0} for i in range(n)], saved, "CK")
 
     saved = {"method": "lidas", "block_size": 4, "start_depth": 4, "final_depth": 12, "growth_iterations": [2, 6]}
-    t = _fake_trainer(8, 4, saved)
-    check_resume_depth(t)
-    assert t.state.growth_steps_done == 1
-    t = _fake_trainer(4, 2, saved)  # taken at the growth iteration, before growing
-    check_resume_depth(t)
-    assert t.state.growth_steps_done == 0
-    for trainer, msg in [
-        (_fake_trainer(10, 4, saved), "never has"),
-        (_fake_trainer(12, 4, saved), "reaches only 8 by then"),
-        (_fake_trainer(8, 4, {**saved, "method": "midas"}), "was grown with method=midas"),
-        (_fake_trainer(8, 4, {**saved, "growth_iterations": [3, 6]}), "growth_iterations=[3, 6]"),
-        (_fake_trainer(8, 4, saved, lineage_len=4), "lineage metadata lists 4"),
+    assert check(8, 4, saved)[0] == 1
+    assert check(4, 2, saved)[0] == 0  # taken at the growth iteration, before growing
+    for args, msg in [
+        ((10, 4, saved), "never has"),
+        ((12, 4, saved), "reaches only 8 by then"),
+        ((8, 4, {**saved, "method": "midas"}), "was grown with method=midas"),
+        ((8, 4, {**saved, "growth_iterations": [3, 6]}), "growth_iterations=[3, 6]"),
+        ((8, 4, saved, 4), "lineage metadata lists 4"),
     ]:
         with pytest.raises(UsageError) as e:
-            check_resume_depth(trainer)
+            check(*args)
         assert msg in str(e.value) and "\n" not in str(e.value)
 
 
@@ -129,23 +114,21 @@ def test_scratch_directory_choice(monkeypatch, tmp_path):
     """Invariant: the checkpoint transfer writes where all ranks can read: an explicit
     --grow-scratch-dir, else /dev/shm on one node if it has room, else under --save."""
     import os
-    from types import SimpleNamespace
 
-    from megatron_growloop.growth.apply import scratch_base
+    from megatron_growloop.growth.controller import scratch_base
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    args = SimpleNamespace(grow_scratch_dir=None, save=str(tmp_path))
-    assert scratch_base(SimpleNamespace(grow_scratch_dir="/x", save=None)) == "/x"
+    assert scratch_base("/x", None) == "/x"
     if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
-        assert scratch_base(args, needed_bytes=1) == "/dev/shm"
-    assert scratch_base(args, needed_bytes=1 << 60) == str(tmp_path / "growth_scratch")
+        assert scratch_base(None, str(tmp_path), needed_bytes=1) == "/dev/shm"
+    assert scratch_base(None, str(tmp_path), needed_bytes=1 << 60) == str(tmp_path / "growth_scratch")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # several nodes: shared storage
-    assert scratch_base(args) == str(tmp_path / "growth_scratch")
+    assert scratch_base(None, str(tmp_path)) == str(tmp_path / "growth_scratch")
 
 
 @pytest.mark.parametrize("optim", ["adam", "bf16-adam", "distopt"])
-def test_memory_and_checkpoint_transfers_train_identically(dist_1rank, tmp_path, monkeypatch, optim):
+def test_memory_and_checkpoint_transfers_train_identically(dist_1rank, tmp_path, optim):
     """Invariant: training after a growth step does not depend on how the state was carried.
     LIDAS 4 -> 8 gives every old layer two copies on the same rank; each copy must own its
     Adam moments (a shared moment tensor would be updated once per copy), so the losses and
@@ -158,6 +141,6 @@ def test_memory_and_checkpoint_transfers_train_identically(dist_1rank, tmp_path,
     for transfer in ("memory", "checkpoint"):
         d = tmp_path / transfer
         d.mkdir()
-        _train(d, monkeypatch, [*extra, "--grow-transfer", transfer])
+        _train(d, [*extra, "--grow-transfer", transfer])
         rows[transfer] = [(r["iteration"], r["loss"], r["grad_norm"]) for r in read_metrics(d / "m.jsonl")]
     assert len(rows["memory"]) == 5 and rows["memory"] == rows["checkpoint"]

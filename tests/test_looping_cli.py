@@ -65,12 +65,16 @@ def test_cuda_graphs_refused_for_loops(capsys, tmp_path):
 def test_fp8_current_scaling_passes_the_loop_check():
     """The loop check lets current-scaling recipes through (they then need TE as usual)."""
     from megatron_growloop.errors import UsageError
+    from megatron_growloop.platform import te_importable
     from megatron_growloop.training.arguments import parse_args
 
-    try:
-        parse_args(BASE + ["--loop", "2x2", "--fp8-format", "e4m3", "--fp8-recipe", "tensorwise"])
-    except UsageError as exc:  # without TE: the ordinary TE requirement, not the loop refusal
-        assert "looped" not in str(exc) and "transformer" in str(exc).lower(), str(exc)
+    argv = BASE + ["--loop", "2x2", "--fp8-format", "e4m3", "--fp8-recipe", "tensorwise"]
+    if te_importable():
+        assert parse_args(argv).args.fp8_recipe == "tensorwise"
+        return
+    with pytest.raises(UsageError) as exc:  # without TE: the ordinary TE requirement, not the loop refusal
+        parse_args(argv)
+    assert "looped" not in str(exc.value) and "transformer" in str(exc.value).lower(), str(exc.value)
 
 
 def test_loop_block_across_user_pp_layout_is_refused(capsys, tmp_path, monkeypatch):
@@ -82,9 +86,9 @@ def test_loop_block_across_user_pp_layout_is_refused(capsys, tmp_path, monkeypat
     pp = ["--loop", "1-2x3-1", "--pipeline-model-parallel-size", "2"]
     _main_fails(pp + ["--pipeline-model-parallel-layout", "Et*2|t*2L"], capsys, tmp_path,
                 "stage boundary before layer 2")
-    args = parse_args(BASE + pp + ["--pipeline-model-parallel-layout", "Et|t*3L"])
+    args = parse_args(BASE + pp + ["--pipeline-model-parallel-layout", "Et|t*3L"]).args
     assert args.loop == "1-2x3-1"
-    args = parse_args(BASE + pp + ["--pipeline-model-parallel-layout", "Et*3|tL"])
+    args = parse_args(BASE + pp + ["--pipeline-model-parallel-layout", "Et*3|tL"]).args
     assert args.pipeline_model_parallel_layout == "Et*3|tL"
 
 

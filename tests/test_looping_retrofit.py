@@ -72,10 +72,10 @@ def test_resume_keeps_the_loop(runs):
 
 def test_load_model_brings_the_loop_back(runs, dist_1rank):
     """load_model() rebuilds the retrofitted model looped; k can be changed at load."""
-    from megatron_growloop.model.loading import load_model
+    from megatron_growloop.training.inference import load_model
 
     model, meta, tok = load_model(str(runs / "retro"))
-    assert model.loop_spec is not None and str(model.loop_spec) == "1-2x2-1"
+    assert model.config.loop is not None and str(model.config.loop) == "1-2x2-1"
     assert model.schedule == [0, 1, 2, 1, 2, 3]
     model3, _, _ = load_model(str(runs / "retro"), loop_repeats=3)
     assert model3.effective_depth == 8
@@ -96,7 +96,7 @@ def _fails(main, prog, argv, capsys, match, save=None):
 def test_checkpoint_dependent_bad_specs(runs, capsys, tmp_path):
     """Retrofit on a looped model, a retrofit/repeat block outside the model, --loop that
     contradicts the checkpoint: one line each, nothing written."""
-    from megatron_growloop.looping.generate import main as gen_main
+    from megatron_growloop.generate import main as gen_main
     from megatron_growloop.pretrain import main as pre_main
 
     save = tmp_path / "out"
@@ -110,7 +110,7 @@ def test_checkpoint_dependent_bad_specs(runs, capsys, tmp_path):
            "use --retrofit-loop", save)
     _fails(pre_main, pre, COMMON + ["--load", plain, "--loop-repeats", "2", "--save", save], capsys,
            "has no loop", save)
-    gen = "megatron_growloop.looping.generate"
+    gen = "megatron_growloop.generate"
     _fails(gen_main, gen, ["--load", retro, "--repeat-block", "4:8:2"], capsys, "repeat block 4:8:2 lies outside the model")
     _fails(gen_main, gen, ["--load", plain, "--loop-repeats", "2"], capsys, "has no loop")
     _fails(gen_main, gen, ["--load", retro, "--repeat-block", "2:1:2"], capsys, "invalid --repeat-block '2:1:2'")
@@ -120,13 +120,13 @@ def test_relaunching_a_retrofit_run_is_accepted(runs):
     """Re-running the same retrofit command on its own (now looped) output resumes it."""
     from megatron_growloop.training.arguments import parse_args
 
-    args = parse_args(COMMON + ["--load", str(runs / "retro"), "--retrofit-loop", "1:3:2"])
+    args = parse_args(COMMON + ["--load", str(runs / "retro"), "--retrofit-loop", "1:3:2"]).args
     assert args.retrofit_loop == "1:3:2"
 
 
 def test_generation_cli_runs_a_retrofitted_checkpoint(runs):
     """The generation CLI runs the checkpoint with its loop, a changed k and a repeat block."""
-    proc = run_module("megatron_growloop.looping.generate",
+    proc = run_module("megatron_growloop.generate",
                       ["--load", runs / "retro", "--prompt", "The cat", "--max-new-tokens", "4",
                        "--loop-repeats", "3", "--repeat-block", "0:1:2"])
     assert "schedule: [0, 0, 1, 2, 1, 2, 1, 2, 3] (effective depth 9" in proc.stdout

@@ -305,12 +305,3 @@ def seq_mask(lengths: Sequence[int], seq_len: int, device=None) -> torch.Tensor:
     """``[b, s]`` bool: True at the real (non-padding) positions of each row."""
     ar = torch.arange(seq_len, device=device)
     return ar.unsqueeze(0) < torch.as_tensor(list(lengths), device=device).unsqueeze(1)
-
-
-def to_bsh(x: torch.Tensor) -> torch.Tensor:
-    """megatron ``[s, b, h]`` -> ``[b, s, h]``."""
-    return x.transpose(0, 1)
-
-
-def to_sbh(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(0, 1)

@@ -19,17 +19,12 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..errors import UsageError, cli_errors
+from ..errors import ArgumentParser, UsageError, cli_errors
 from ..looping.cli import add_inference_loop_args, validate_inference_loop_args
 
 PROG = "megatron_growloop.analysis"
 ANALYSES = ("depth-score", "lens", "norms", "local-effects", "swap")
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _ints(text: str, what: str) -> List[int]:
@@ -139,9 +134,9 @@ def _sweep_args(p, repeat: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Depth-utilisation diagnostics and residual-stream interventions "
+    p = ArgumentParser(prog=PROG, description="Depth-utilisation diagnostics and residual-stream interventions "
                 "(paper §4.1, App. B, App. E) on any model megatron_growloop loads.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     helps = {
         "depth-score": "skip each application: output effect, layer effects, depth score",
         "lens": "logit lens and tuned lens: KL, top-5 overlap, early-exit accuracy",

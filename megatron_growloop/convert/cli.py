@@ -8,14 +8,9 @@ import re
 import sys
 from typing import List, Optional
 
-from ..errors import UsageError, cli_errors
+from ..errors import ArgumentParser, UsageError, cli_errors
 
 PROG = "megatron_growloop.convert"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other usage error
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _size(text: str) -> int:
@@ -37,8 +32,8 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Convert checkpoints between Hugging Face Llama/SmolLM and megatron_growloop.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = ArgumentParser(prog=PROG, description="Convert checkpoints between Hugging Face Llama/SmolLM and megatron_growloop.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     h = sub.add_parser("hf-to-mcore", help="HF Llama-family directory or .gguf -> megatron_growloop checkpoint")
     h.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors/bin) or a .gguf file")

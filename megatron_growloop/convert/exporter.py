@@ -14,8 +14,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from ..data.tokenizer import SMOLLM2_ALIASES, smollm2_tokenizer_dir
 from ..errors import UsageError
-from ..looping.spec import LoopSpec, RepeatBlock, build_schedule
+from ..looping.spec import RepeatBlock
+from ..training import checkpointing
+from ..training.inference import checkpoint_arch
 from . import mapping
 from .hf_config import hf_config_from_arch, shape_from_arch
 from .hf_io import (
@@ -29,16 +32,18 @@ from .hf_io import (
     parse_dtype,
     write_safetensors,
 )
+from .looped import loop_entry
+from .megatron_io import load_model_tensors
 
 
 def _vocab_size(meta: Dict[str, Any], override: Optional[int]) -> int:
-    arch = meta["arch"]
+    padded = int(meta["arch"]["padded_vocab_size"])
     for v in (override, (meta.get("hf") or {}).get("vocab_size"), (meta.get("tokenizer") or {}).get("vocab_size")):
         if v:
-            if int(v) > arch["padded_vocab_size"]:
-                raise UsageError(f"vocabulary {v} exceeds the checkpoint's padded vocabulary {arch['padded_vocab_size']}")
+            if int(v) > padded:
+                raise UsageError(f"vocabulary {v} exceeds the checkpoint's padded vocabulary {padded}")
             return int(v)
-    return int(arch["padded_vocab_size"])
+    return padded
 
 
 def _save_tokenizer(meta: Dict[str, Any], ckpt_dir: Path, dest: Path) -> Optional[str]:
@@ -46,8 +51,6 @@ def _save_tokenizer(meta: Dict[str, Any], ckpt_dir: Path, dest: Path) -> Optiona
     tok = meta.get("tokenizer") or {}
     if tok.get("type") not in ("HuggingFaceTokenizer", "HFTokenizer"):
         return None
-    from ..data.tokenizer import SMOLLM2_ALIASES, smollm2_tokenizer_dir
-
     candidates = [ckpt_dir / "tokenizer"]
     model = tok.get("model")
     if model is None or str(model).lower() in SMOLLM2_ALIASES:
@@ -87,35 +90,26 @@ def mcore_to_hf(
     blocks); the unrolled layers are recorded in ``config.json["megatron_growloop"]``.
     Returns ``out_dir``.  Nothing is written when anything is refused.
     """
-    from ..training import checkpointing
-    from .looped import loop_entry
-    from .megatron_io import load_model_tensors
-
     out = check_new_output(out_dir)
     meta = checkpointing.read_metadata(ckpt)
     ckpt_dir = Path(meta["_dir"])
-    arch = meta.get("arch")
-    if not arch:
+    if not meta.get("arch"):
         raise UsageError(f"checkpoint {str(ckpt_dir)!r} has no architecture record (arch) in growloop.json")
+    arch = checkpoint_arch(meta, loop_repeats)
     hf_meta = meta.get("hf") or {}
     out_dtype = parse_dtype(dtype or hf_meta.get("dtype") or "float32")
     vocab = _vocab_size(meta, vocab_size)
-    loop = arch.get("loop")
-    if loop_repeats is not None:
-        if not loop:
-            raise UsageError(f"--loop-repeats {loop_repeats}: checkpoint {str(ckpt_dir)!r} has no loop (use --repeat-block)")
-        loop = str(LoopSpec.parse(loop).with_repeats(int(loop_repeats)))
     blocks = [RepeatBlock.parse(b) for b in repeat_blocks]
-    schedule = build_schedule(arch["num_layers"], LoopSpec.parse(loop) if loop else None, blocks)
+    schedule = arch.schedule(blocks)
     shape = shape_from_arch(arch, vocab)
-    tied = not arch.get("untie_embeddings_and_output_weights", False)
+    tied = arch.tied
 
     tensors = load_model_tensors(str(ckpt_dir))
     stacked = tensors.get(mapping.LAYER_PREFIX + mapping.MC_QKV)
-    if stacked is None or stacked.shape[0] != arch["num_layers"]:
+    if stacked is None or stacked.shape[0] != arch.num_layers:
         raise UsageError(
             f"checkpoint {str(ckpt_dir)!r}: model tensors do not match its architecture record "
-            f"({arch['num_layers']} layers)"
+            f"({arch.num_layers} layers)"
         )
     if not tied and mapping.MC_OUTPUT not in tensors:
         raise UsageError(f"checkpoint {str(ckpt_dir)!r} records untied embeddings but has no output_layer.weight")
@@ -124,8 +118,9 @@ def mcore_to_hf(
     hf_sd = {k: v.to(out_dtype) for k, v in hf_sd.items()}
 
     entry = None
-    if schedule != list(range(arch["num_layers"])):
-        entry = loop_entry(loop if not blocks else None, arch["num_layers"], schedule)
+    if schedule != list(range(arch.num_layers)):
+        loop = str(arch.loop) if arch.loop is not None and not blocks else None
+        entry = loop_entry(loop, arch.num_layers, schedule)
     cfg = hf_config_from_arch(
         arch, vocab, len(schedule), dtype_name(out_dtype), source_config=hf_meta.get("config"), loop_entry=entry
     )

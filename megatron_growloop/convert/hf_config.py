@@ -1,4 +1,4 @@
-"""Hugging Face Llama ``config.json`` <-> megatron_growloop architecture metadata (pure).
+"""Hugging Face Llama ``config.json`` <-> the architecture record :class:`~megatron_growloop.model.arch.Arch` (pure).
 
 :func:`arch_from_hf_config` validates the config and refuses, with a one-line
 :class:`UsageError`, everything megatron-core 0.16.1's ``GPTModel`` (local/TE spec,
@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple
 
 from ..errors import UsageError
-from .mapping import LlamaShape, padded_vocab_size
+from ..model.arch import Arch, pad_vocab_size
+from .mapping import LlamaShape
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
@@ -59,9 +60,8 @@ def arch_from_hf_config(
     make_vocab_size_divisible_by: int = 128,
     tp: int = 1,
     seq_length: Optional[int] = None,
-) -> Tuple[Dict[str, Any], LlamaShape]:
-    """Validate an HF Llama config; return ``(arch, shape)`` (``arch`` has the keys of
-    ``Trainer.arch_metadata()``; ``shape`` describes the HF tensors)."""
+) -> Tuple[Arch, LlamaShape]:
+    """Validate an HF Llama config; return ``(arch, shape)`` (``shape`` describes the HF tensors)."""
     archs = cfg.get("architectures") or []
     model_type = cfg.get("model_type")
     bad_arch = [a for a in archs if a not in SUPPORTED_ARCHITECTURES]
@@ -106,56 +106,36 @@ def arch_from_hf_config(
         ffn_hidden_size=cfg["intermediate_size"],
         vocab_size=vocab,
     )
-    arch = {
-        "num_layers": shape.num_layers,
-        "hidden_size": h,
-        "num_attention_heads": nh,
-        "num_query_groups": ng,
-        "ffn_hidden_size": shape.ffn_hidden_size,
-        "kv_channels": shape.head_dim,
-        "seq_length": int(seq_length) if seq_length else min(max_pos, DEFAULT_SEQ_LENGTH),
-        "max_position_embeddings": max_pos,
-        "rotary_base": rotary_base,
-        "rope_scaling": rope_scaling,
-        "rope_scaling_factor": rope_factor,
-        "norm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
-        "init_method_std": float(cfg.get("initializer_range", 0.02)),
+    arch = Arch(
+        num_layers=shape.num_layers,
+        hidden_size=h,
+        num_attention_heads=nh,
+        num_query_groups=ng,
+        ffn_hidden_size=shape.ffn_hidden_size,
+        kv_channels=shape.head_dim,
+        seq_length=int(seq_length) if seq_length else min(max_pos, DEFAULT_SEQ_LENGTH),
+        max_position_embeddings=max_pos,
+        rotary_base=rotary_base,
+        rope_scaling=rope_scaling,
+        rope_scaling_factor=rope_factor,
+        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        init_method_std=float(cfg.get("initializer_range", 0.02)),
         # transformers' LlamaConfig default is untied.
-        "untie_embeddings_and_output_weights": not bool(cfg.get("tie_word_embeddings", False)),
-        "padded_vocab_size": padded_vocab_size(vocab, make_vocab_size_divisible_by, tp),
-        "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
-        "loop": None,
-    }
+        untie_embeddings_and_output_weights=not bool(cfg.get("tie_word_embeddings", False)),
+        padded_vocab_size=pad_vocab_size(vocab, make_vocab_size_divisible_by, tp),
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+    )
     return arch, shape
 
 
-def check_parallel_layout(arch: Dict[str, Any], tp: int, pp: int, effective_layers: Optional[int] = None) -> None:
-    """Refuse a target TP/PP that megatron-core cannot build for ``arch``."""
-    if tp < 1 or pp < 1:
-        raise UsageError(f"target parallel sizes must be >= 1, got TP {tp}, PP {pp}")
-    checks = [
-        ("attention heads", arch["num_attention_heads"]),
-        ("feed-forward size", arch["ffn_hidden_size"]),
-        ("padded vocabulary", arch["padded_vocab_size"]),
-    ]
-    for what, n in checks:
-        if n % tp:
-            raise UsageError(f"target TP {tp} does not divide the model's {what} ({n})")
-    ng = arch["num_query_groups"]
-    if ng % tp and tp % ng:
-        raise UsageError(f"target TP {tp} and the model's {ng} key/value groups: one must divide the other")
-    if pp > arch["num_layers"]:
-        raise UsageError(f"target PP {pp} exceeds the model's {arch['num_layers']} unique layers")
-
-
-def shape_from_arch(arch: Dict[str, Any], vocab_size: int) -> LlamaShape:
+def shape_from_arch(arch: Arch, vocab_size: int) -> LlamaShape:
     return LlamaShape(
-        num_layers=arch["num_layers"],
-        hidden_size=arch["hidden_size"],
-        num_attention_heads=arch["num_attention_heads"],
-        num_query_groups=arch["num_query_groups"],
-        head_dim=arch["kv_channels"],
-        ffn_hidden_size=arch["ffn_hidden_size"],
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        head_dim=arch.kv_channels,
+        ffn_hidden_size=arch.ffn_hidden_size,
         vocab_size=vocab_size,
     )
 
@@ -165,7 +145,7 @@ PASSTHROUGH_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_i
 
 
 def hf_config_from_arch(
-    arch: Dict[str, Any],
+    arch: Arch,
     vocab_size: int,
     num_hidden_layers: int,
     dtype: str,
@@ -177,27 +157,27 @@ def hf_config_from_arch(
     cfg: Dict[str, Any] = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
-        "hidden_size": arch["hidden_size"],
-        "intermediate_size": arch["ffn_hidden_size"],
+        "hidden_size": arch.hidden_size,
+        "intermediate_size": arch.ffn_hidden_size,
         "num_hidden_layers": num_hidden_layers,
-        "num_attention_heads": arch["num_attention_heads"],
-        "num_key_value_heads": arch["num_query_groups"],
-        "head_dim": arch["kv_channels"],
+        "num_attention_heads": arch.num_attention_heads,
+        "num_key_value_heads": arch.num_query_groups,
+        "head_dim": arch.kv_channels,
         "hidden_act": "silu",
-        "max_position_embeddings": arch["max_position_embeddings"],
-        "initializer_range": arch.get("init_method_std", 0.02),
-        "rms_norm_eps": arch["norm_epsilon"],
-        "rope_theta": arch["rotary_base"],
+        "max_position_embeddings": arch.max_position_embeddings,
+        "initializer_range": arch.init_method_std,
+        "rms_norm_eps": arch.norm_epsilon,
+        "rope_theta": arch.rotary_base,
         "rope_scaling": None,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
-        "tie_word_embeddings": not arch.get("untie_embeddings_and_output_weights", False),
+        "tie_word_embeddings": arch.tied,
         "vocab_size": vocab_size,
         "torch_dtype": dtype,
     }
-    if arch.get("rope_scaling"):
-        cfg["rope_scaling"] = dict(rope_type="llama3", factor=float(arch.get("rope_scaling_factor", 8.0)), **MEGATRON_LLAMA3_ROPE)
+    if arch.rope_scaling:
+        cfg["rope_scaling"] = dict(rope_type="llama3", factor=float(arch.rope_scaling_factor), **MEGATRON_LLAMA3_ROPE)
     for key in PASSTHROUGH_KEYS:
         if source_config and source_config.get(key) is not None:
             cfg[key] = source_config[key]

@@ -10,16 +10,23 @@ embedding splittable at that TP.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
 
+from .. import accounting
 from ..errors import UsageError
+from ..growth.operators import initial_lineage
+from ..looping.spec import LoopSpec
+from ..training import checkpointing
+from ..training.save_strategy import SyncSaveStrategy
 from . import mapping
-from .hf_config import LOOP_KEY, arch_from_hf_config, check_parallel_layout
+from .hf_config import LOOP_KEY, arch_from_hf_config
 from .hf_io import atomic_output_dir, check_new_output, check_tensors, open_hf
 from .looped import repeated_positions, restore_plan
+from .megatron_io import build_single_rank_model, ensure_single_process
 
 TOKENIZER_SUBDIR = "tokenizer"
 ITERATION = 0
@@ -60,31 +67,24 @@ def hf_to_mcore(
 
     Returns the ``iter_*`` directory.  Nothing is written when anything is refused.
     """
-    from .. import accounting
-    from ..growth.operators import initial_lineage
-    from ..training import checkpointing
-    from ..training.save_strategy import SyncSaveStrategy
-    from .megatron_io import build_single_rank_model, ensure_single_process
-
     out = check_new_output(out_dir)
     tp, pp = int(target_tensor_parallel_size), int(target_pipeline_model_parallel_size)
     src = open_hf(hf_path)
     try:
         arch, shape = arch_from_hf_config(src.config, make_vocab_size_divisible_by, tp, seq_length)
-        tied = not arch["untie_embeddings_and_output_weights"]
+        tied = arch.tied
         check_tensors(src, shape, tied)
         layer_source = list(range(shape.num_layers))
         entry = src.config.get(LOOP_KEY)
         if entry is not None and not ignore_loop:
             plan = restore_plan(entry, shape.num_layers)
             _check_loop_copies(src, plan)
-            arch["num_layers"] = plan["num_unique_layers"]
-            arch["loop"] = plan["loop"]
+            arch = replace(arch, num_layers=plan["num_unique_layers"], loop=LoopSpec.parse(plan["loop"]))
             layer_source = plan["first_position"]
-        check_parallel_layout(arch, tp, pp)
+        arch.check_parallel(tp, pp, what="target")
 
         ensure_single_process()
-        model, config = build_single_rank_model(arch, arch["loop"])
+        model = build_single_rank_model(arch)
         params = dict(model.named_parameters())
         assigned = set()
 
@@ -92,10 +92,10 @@ def hf_to_mcore(
             _copy_into(params[name], value, name)
             assigned.add(name)
 
-        put(mapping.MC_EMBED, mapping.pad_vocab(src.get(mapping.HF_EMBED), arch["padded_vocab_size"]))
+        put(mapping.MC_EMBED, mapping.pad_vocab(src.get(mapping.HF_EMBED), arch.padded_vocab_size))
         put(mapping.MC_FINAL_NORM, src.get(mapping.HF_FINAL_NORM))
         if not tied:
-            put(mapping.MC_OUTPUT, mapping.pad_vocab(src.get(mapping.HF_LM_HEAD), arch["padded_vocab_size"]))
+            put(mapping.MC_OUTPUT, mapping.pad_vocab(src.get(mapping.HF_LM_HEAD), arch.padded_vocab_size))
         for u, pos in enumerate(layer_source):
             hf_layer = {k: src.get(f"model.layers.{pos}.{k}") for k in mapping.HF_LAYER_KEYS}
             for name, value in mapping.hf_layer_to_mcore(hf_layer, shape, "local").items():
@@ -106,14 +106,14 @@ def hf_to_mcore(
 
         final_iter = out / checkpointing.iter_dir_name(ITERATION)
         meta = {
-            "arch": arch,
+            "arch": arch.to_meta(),
             "model_preset": None,
             "tokenizer": {"type": None, "model": None, "vocab_size": shape.vocab_size},
-            "accounting": accounting.summary(config, arch["padded_vocab_size"], tied, arch["seq_length"], model.effective_depth),
+            "accounting": accounting.summary(arch, arch.padded_vocab_size, tied, arch.seq_length, model.effective_depth),
             "training_flops": 0.0,
             "consumed_train_samples": 0,
             "tokens": 0,
-            "lineage": [l.to_dict() for l in initial_lineage(arch["num_layers"])],
+            "lineage": [l.to_dict() for l in initial_lineage(arch.num_layers)],
             "growth": None,
             "hf": {
                 "source": str(Path(hf_path).resolve()),

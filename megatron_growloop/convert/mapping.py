@@ -28,7 +28,6 @@ builds its sharded state dict), with all layers stacked along a leading axis
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -111,17 +110,6 @@ class LlamaShape:
 
 
 # ------------------------------------------------------------------------------ vocabulary
-def padded_vocab_size(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> int:
-    """Megatron-LM's ``_vocab_size_with_padding``: a multiple of ``divisible_by * tp``."""
-    if vocab_size < 1 or divisible_by < 1 or tp < 1:
-        raise UsageError(
-            f"vocabulary padding needs positive sizes, got vocab {vocab_size}, "
-            f"divisible-by {divisible_by}, TP {tp}"
-        )
-    multiple = divisible_by * tp
-    return int(math.ceil(vocab_size / multiple) * multiple)
-
-
 def pad_vocab(weight: torch.Tensor, padded: int) -> torch.Tensor:
     """Append zero rows up to ``padded`` rows (returns ``weight`` itself when no padding)."""
     n = weight.shape[0]

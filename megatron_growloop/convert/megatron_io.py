@@ -3,13 +3,17 @@ model tensors of a distributed checkpoint without building a model."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Dict
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 
 from ..errors import UsageError
+from ..model.arch import Arch
+from ..model.gpt import GrowLoopGPTModel, build_inference_model
+from ..training.checkpointing import resolve_load_dir
+from ..training.initialize import init_distributed
 
 MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
@@ -19,8 +23,6 @@ def ensure_single_process() -> None:
 
     Conversion builds the whole model in one process and lets megatron reshard on
     load; it refuses to run inside a multi-rank job."""
-    from ..training.initialize import init_distributed
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         raise UsageError(
             "checkpoint conversion runs in a single process (python -m megatron_growloop.convert ...), not under torchrun"
@@ -33,13 +35,10 @@ def ensure_single_process() -> None:
         init_distributed(1, 1)
 
 
-def build_single_rank_model(arch: Dict[str, Any], loop=None):
+def build_single_rank_model(arch: Arch) -> GrowLoopGPTModel:
     """The whole model (TP=PP=1, fp32, local spec, on the CPU) with *uninitialised*
     weights: every parameter is overwritten by the converter."""
-    from ..model.loading import build_inference_model
-
-    model = build_inference_model(arch, loop, stage_sizes=None, initialize=False, to_device=False)
-    return model, model.config
+    return build_inference_model(arch, initialize=False, to_device=False)
 
 
 def load_model_tensors(ckpt_dir: str) -> Dict[str, torch.Tensor]:
@@ -48,8 +47,6 @@ def load_model_tensors(ckpt_dir: str) -> Dict[str, torch.Tensor]:
 
     Independent of the TP/PP the checkpoint was saved with and of the layer spec;
     optimizer state is not read.  ``ckpt_dir``: a save directory or one ``iter_*`` directory."""
-    from ..training.checkpointing import resolve_load_dir
-
     ckpt_dir = str(resolve_load_dir(ckpt_dir)[0])
     ensure_single_process()
     try:

@@ -6,8 +6,8 @@
 torch_dist checkpoints already load at any TP/PP (megatron reshards on load, and our
 optimizer state is always saved ``fully_reshardable``); this command makes the
 re-partitioning explicit: the target ranks build the model and optimizer at the
-target layout, load model, optimizer state and counters through megatron's
-``dist_checkpointing`` and save them again.  The LR-scheduler state, the counters and
+target layout (:func:`~megatron_growloop.training.factory.build_stack`), load model,
+optimizer state and counters through megatron's ``dist_checkpointing`` and save them again.  The LR-scheduler state, the counters and
 ``growloop.json`` are carried over unchanged (only ``parallel`` changes); the per-rank
 RNG state cannot be re-partitioned and is the target ranks' freshly seeded one.
 """
@@ -18,11 +18,19 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
 
 from ..errors import UsageError
+from ..model.arch import Arch
+from ..model.implementation import Implementation
+from ..model.parallel import ParallelLayout
+from ..training import checkpointing
+from ..training.factory import OptimizerSettings, build_stack
+from ..training.initialize import init_distributed
+from .hf_io import check_new_output
 
 
 class _FrozenScheduler:
@@ -35,13 +43,12 @@ class _FrozenScheduler:
         return self._state
 
 
-def _precision_flags(ckpt_dir: str) -> List[str]:
-    from megatron.core import dist_checkpointing
-
+def _saved_dtype(ckpt_dir: str) -> str:
+    """``fp32``/``bf16``/``fp16``: the precision the checkpoint's weights were trained in."""
     meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
     emb = meta.get("embedding.word_embeddings.weight")
     name = str(getattr(emb, "dtype", "")).replace("torch.", "")
-    return {"bfloat16": ["--bf16"], "float16": ["--fp16"]}.get(name, [])
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(name, "fp32")
 
 
 def reshard(
@@ -52,19 +59,13 @@ def reshard(
     use_distributed_optimizer: bool = False,
 ) -> str:
     """Run under ``torchrun`` with a world size divisible by TP x PP; returns the new ``iter_*`` dir."""
-    from ..training import checkpointing
-    from ..training.arguments import parse_args
-    from ..training.trainer import Trainer
-    from .hf_config import check_parallel_layout
-    from .hf_io import check_new_output
-
     tp, pp = int(target_tensor_parallel_size), int(target_pipeline_model_parallel_size)
     meta = checkpointing.read_metadata(load)
     ckpt_dir = meta["_dir"]
-    arch = meta.get("arch") or {}
-    if not arch:
+    if not meta.get("arch"):
         raise UsageError(f"checkpoint {ckpt_dir!r} has no architecture record (arch) in growloop.json")
-    check_parallel_layout(arch, tp, pp)
+    arch = Arch.from_meta(meta["arch"])
+    arch.check_parallel(tp, pp, what="target")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % (tp * pp):
         raise UsageError(
@@ -73,26 +74,15 @@ def reshard(
         )
     out_path = check_new_output(out)
     iteration = int(meta.get("iteration", 0))
-    argv = [
-        "--use-checkpoint-args", "--load", ckpt_dir, "--no-load-rng",
-        "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
-        # No data is read: mock data with the checkpoint's vocabulary avoids building a tokenizer.
-        "--mock-data", "--vocab-size", str(arch["padded_vocab_size"]), "--tokenizer-model", "unused",
-        "--train-iters", str(max(iteration, 1)), "--micro-batch-size", "1",
-        "--make-vocab-size-divisible-by", str(arch.get("make_vocab_size_divisible_by", 128)),
-    ] + _precision_flags(ckpt_dir)
-    if use_distributed_optimizer:
-        argv.append("--use-distributed-optimizer")
-    args = parse_args(argv, world_size=world)
-    trainer = Trainer(args)
-    trainer._resolve_resume()
-    trainer.build(trainer.num_layers, trainer.loop)
-    trainer._load()
-
-    from megatron.core import dist_checkpointing
+    init_distributed(tp, pp)
+    has_opt = bool(meta.get("has_optimizer", False))
+    stack = build_stack(arch, ParallelLayout(tp, pp), Implementation(dtype=_saved_dtype(ckpt_dir)),
+                        OptimizerSettings(use_distributed_optimizer=use_distributed_optimizer))
+    loaded = checkpointing.load_checkpoint(ckpt_dir, stack.chunks, stack.optimizer, load_rng=False)
+    if not loaded["loaded_optimizer"]:
+        stack.optimizer.reload_model_params()
 
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
-    has_opt = bool(meta.get("has_optimizer", False))
     sched = common.get("opt_param_scheduler") if has_opt else None
     keep = {k: v for k, v in meta.items() if not k.startswith("_")}
     for k in ("format_version", "iteration", "parallel", "has_optimizer", "optimizer_sharding"):
@@ -106,8 +96,8 @@ def reshard(
     dist.barrier()
     try:
         checkpointing.save_checkpoint(
-            str(tmp), iteration, trainer.model,
-            trainer.optimizer if has_opt else None,
+            str(tmp), iteration, stack.chunks,
+            stack.optimizer if has_opt else None,
             _FrozenScheduler(sched) if sched is not None else None,
             common=common.get("growloop") or {},
             metadata=keep,

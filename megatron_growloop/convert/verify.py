@@ -113,9 +113,10 @@ def verify(
     """Compare checkpoint ``ckpt`` (at the current TP/PP) with the HF model in ``hf_dir``.
 
     Initialise the process groups first (:func:`~megatron_growloop.training.initialize.init_distributed`)."""
-    from ..model.loading import load_model
+    from ..model.implementation import Implementation
+    from ..training.inference import load_model
 
-    model, meta, tok = load_model(ckpt, transformer_impl=transformer_impl)
+    model, meta, tok = load_model(ckpt, impl=Implementation(transformer_impl=transformer_impl))
     vocab = int((meta.get("hf") or {}).get("vocab_size") or (meta.get("tokenizer") or {}).get("vocab_size") or meta["arch"]["padded_vocab_size"])
     inputs: List[List[int]] = [list(map(int, t)) for t in token_prompts]
     if prompts:

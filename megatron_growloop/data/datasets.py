@@ -90,8 +90,8 @@ def build_gpt_datasets(
 
 
 @dataclass
-class BatchSchedule:
-    """Which samples a data-parallel rank reads for one global batch."""
+class GlobalBatch:
+    """How one global batch splits into micro-batches over data-parallel ranks (which samples a rank reads)."""
 
     micro_batch_size: int
     global_batch_size: int
@@ -123,9 +123,9 @@ class MicroBatchIterator:
     dataset's own shuffling) rather than ending the run.
     """
 
-    def __init__(self, dataset, schedule: BatchSchedule, consumed_samples: int = 0):
+    def __init__(self, dataset, batch: GlobalBatch, consumed_samples: int = 0):
         self.dataset = dataset
-        self.schedule = schedule
+        self.batch = batch
         self.consumed_samples = int(consumed_samples)
         self._micro_step = 0
 
@@ -133,11 +133,11 @@ class MicroBatchIterator:
         return self
 
     def __next__(self) -> Dict[str, torch.Tensor]:
-        idx = self.schedule.microbatch_indices(self.consumed_samples, self._micro_step)
+        idx = self.batch.microbatch_indices(self.consumed_samples, self._micro_step)
         n = len(self.dataset)
         batch = collate([self.dataset[i % n] for i in idx])
         self._micro_step += 1
-        if self._micro_step == self.schedule.num_microbatches:
+        if self._micro_step == self.batch.num_microbatches:
             self._micro_step = 0
-            self.consumed_samples += self.schedule.global_batch_size
+            self.consumed_samples += self.batch.global_batch_size
         return batch

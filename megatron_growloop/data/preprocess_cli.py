@@ -8,13 +8,13 @@ import sys
 import time
 from typing import List, Optional
 
-from ..errors import UsageError, cli_errors
+from ..errors import ArgumentParser, UsageError, cli_errors
 
 PROG = "preprocess_data.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    p = ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--input", nargs="+", required=True, help=".jsonl/.json (one object per line) or .txt files")
     p.add_argument("--output-prefix", required=True,
                    help="writes PREFIX_<json-key>_document.bin/.idx (pass PREFIX_<key>_document to --data-path)")

@@ -17,16 +17,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..errors import UsageError, cli_errors
+from ..errors import ArgumentParser, UsageError, cli_errors
 from ..looping.cli import add_inference_loop_args, validate_inference_loop_args
 
 PROG = "megatron_growloop.eval"
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _int_list(text: str) -> List[int]:
@@ -64,9 +59,9 @@ def _task_args(p, with_fewshot: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Evaluate megatron_growloop models: reasoning primitives, "
+    p = ArgumentParser(prog=PROG, description="Evaluate megatron_growloop models: reasoning primitives, "
                 "held-out NLL, block-repeat / in-context sweeps, lm-evaluation-harness.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     s = sub.add_parser("primitives", help="the 11 reasoning primitives (multiple choice, log-likelihood)")
     _model_args(s)
@@ -87,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None)
 
     s = sub.add_parser("sweep", help="repeat-block or in-context-example sweeps (JSON + PNG)")
-    ssub = s.add_subparsers(dest="sweep", required=True, parser_class=_Parser)
+    ssub = s.add_subparsers(dest="sweep", required=True, parser_class=ArgumentParser)
     r = ssub.add_parser("repeat-block", help="accuracy over block start x total applications R")
     _model_args(r)
     _task_args(r)

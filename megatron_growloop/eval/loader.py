@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UsageError
-from ..looping.spec import LoopSpec, RepeatBlock, block_boundaries
+from ..looping.spec import RepeatBlock, block_boundaries
+from ..model.implementation import Implementation
+from ..training.inference import load_model
 
 
 def init_parallel(tp: int = 1, pp: int = 1) -> None:
@@ -97,10 +99,8 @@ def load_for_eval(
     else:
         init_parallel(tp, pp)
         ckpt = load if load else _hf_checkpoint_on_all_ranks(hf)
-    from ..model.loading import load_model
-
-    model, meta, tok = load_model(ckpt, loop_repeats=loop_repeats, repeat_blocks=list(repeat_blocks),
-                                  transformer_impl=transformer_impl, bf16=bf16)
+    impl = Implementation(transformer_impl=transformer_impl, dtype="bf16" if bf16 else "fp32")
+    model, meta, tok = load_model(ckpt, loop_repeats=loop_repeats, repeat_blocks=list(repeat_blocks), impl=impl)
     if tok is None:
         raise UsageError(f"checkpoint {ckpt!r} records no tokenizer; cannot evaluate text tasks")
     meta = dict(meta)
@@ -135,8 +135,7 @@ def describe_model(model, meta: Optional[Dict[str, Any]] = None) -> Dict[str, An
     """
     meta = meta or {}
     cfg = model.config
-    loop = LoopSpec.parse(cfg.loop) if cfg.loop else None
-    reps = [RepeatBlock.parse(b) for b in cfg.repeat_blocks]
+    loop, reps = cfg.loop, list(cfg.repeat_blocks)
     info: Dict[str, Any] = {
         "num_layers": cfg.num_layers,
         "loop": str(loop) if loop else None,

@@ -76,15 +76,6 @@ def gather_sharded(total: int, mine: List[int], results: List[Any]) -> List[Any]
     return out
 
 
-def all_equal_across_world(value: Any) -> bool:
-    """True when every rank holds the same (picklable) ``value`` (a lock-step check)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return True
-    parts: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, value)
-    return all(p == parts[0] for p in parts)
-
-
 def pipeline_forward(
     model,
     tokens: torch.Tensor,

@@ -1,9 +1,19 @@
-"""Growth flags of ``megatron_growloop.pretrain``."""
+"""Growth flags of ``megatron_growloop.pretrain`` and the plan they describe.
+
+:func:`add_growth_args` and :func:`validate_growth_args` are the extension hooks that
+``pretrain`` passes to :func:`megatron_growloop.training.arguments.parse_args`;
+:func:`growth_controller` turns validated flags into the
+:class:`~.controller.GrowthController` of the run (None without ``--grow-method``).
+"""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..errors import UsageError
+from .controller import GrowthController, GrowthOptions
 from .operators import GROW_METHODS
+from .plan import GrowthPlan
 
 
 def add_growth_args(parser) -> None:
@@ -24,6 +34,18 @@ def add_growth_args(parser) -> None:
     g.add_argument("--grow-scratch-dir", default=None,
                    help="directory for the temporary checkpoint of a growth step, visible to all ranks "
                         "(default: /dev/shm on one node, else <save>/growth_scratch)")
+    g.add_argument("--grow-dump-dir", default=None,
+                   help="inspection: after every growth step save the freshly grown state (before any training "
+                        "at the new depth) as a checkpoint under DIR/step_<s> (the growth tests compare it "
+                        "with the pre-growth checkpoint)")
+
+
+def plan_from_args(args) -> Optional[GrowthPlan]:
+    """The growth plan of validated flags (None without ``--grow-method``)."""
+    if not args.grow_method:
+        return None
+    return GrowthPlan.build(args.grow_method, args.grow_block_size, args.num_layers, args.grow_final_layers,
+                            args.grow_iters, args.grow_alpha)
 
 
 def validate_growth_args(args) -> None:
@@ -31,7 +53,6 @@ def validate_growth_args(args) -> None:
         for name in ("grow_final_layers", "grow_iters"):
             if getattr(args, name) is not None:
                 raise UsageError(f"--{name.replace('_', '-')} needs --grow-method")
-        args.growth_plan = None
         return
     if args.grow_final_layers is None or args.grow_iters is None:
         raise UsageError("--grow-method needs --grow-final-layers and --grow-iters")
@@ -42,15 +63,15 @@ def validate_growth_args(args) -> None:
             "--pipeline-model-parallel-layout is fixed to one depth; drop it with --grow-method "
             "(growth balances the layers over the pipeline stages at every depth)"
         )
-    from .schedule import GrowthPlan
-
-    args.growth_plan = GrowthPlan.build(
-        args.grow_method, args.grow_block_size, args.num_layers, args.grow_final_layers,
-        args.grow_iters, args.grow_alpha,
-    )
-    last = args.growth_plan.growth_iterations[-1]
+    plan = plan_from_args(args)
+    last = plan.growth_iterations[-1]
     if args.train_iters <= last:
         raise UsageError(
             f"--train-iters {args.train_iters} ends before the last growth step (at iteration {last} of "
             f"--grow-iters {args.grow_iters}): the run would never reach --grow-final-layers {args.grow_final_layers}"
         )
+
+
+def growth_controller(args) -> Optional[GrowthController]:
+    plan = plan_from_args(args)
+    return GrowthController(plan, GrowthOptions.from_args(args)) if plan is not None else None

@@ -16,7 +16,7 @@ from fractions import Fraction
 from typing import Dict, Optional
 
 from ..accounting import ArchShape
-from .schedule import GrowthPlan
+from .plan import GrowthPlan
 
 
 def prop_closed_form(num_stages: int, alpha: int) -> Fraction:

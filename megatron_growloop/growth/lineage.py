@@ -12,10 +12,14 @@ the ``B``-aligned blocks and ranks them by distance from the middle of the model
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from typing import Dict, List, Optional, Sequence
 
-from ..errors import UsageError, cli_errors
+from ..errors import ArgumentParser, UsageError, cli_errors
+from ..training.checkpointing import read_metadata
+from .operators import initial_lineage
 
 
 def block_table(lineage: Sequence[Dict[str, int]], block: int) -> List[Dict[str, object]]:
@@ -62,14 +66,10 @@ def format_table(lineage: Sequence[Dict[str, int]], block: int, repeats: int = 2
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    import argparse
-    import os
-    import warnings
-
     warnings.filterwarnings("ignore")
 
     with cli_errors("megatron_growloop.growth.lineage"):
-        p = argparse.ArgumentParser(prog="megatron_growloop.growth.lineage",
+        p = ArgumentParser(prog="megatron_growloop.growth.lineage",
                                     description="Print the lineage of a (grown) checkpoint's layers.")
         p.add_argument("checkpoint", help="save directory or iter_* directory")
         p.add_argument("--block-size", type=int, default=None, help="default: the growth block size, else 4")
@@ -77,12 +77,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         a = p.parse_args(argv)
         if not os.path.exists(a.checkpoint):
             raise UsageError(f"checkpoint {a.checkpoint!r} does not exist")
-        from ..training.checkpointing import read_metadata
-
         meta = read_metadata(a.checkpoint)
-        lineage = meta.get("lineage") or []
-        if not lineage:
-            raise UsageError(f"checkpoint {a.checkpoint!r} records no lineage")
+        # A model that never grew records no lineage: every layer is its own root.
+        lineage = meta.get("lineage") or [l.to_dict() for l in initial_lineage(int(meta["arch"]["num_layers"]))]
         growth = meta.get("growth")
         block = a.block_size or (growth or {}).get("block_size") or 4
         print(format_table(lineage, block, a.repeats, growth))

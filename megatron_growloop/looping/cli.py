@@ -7,7 +7,9 @@ Training (``megatron_growloop.pretrain``): ``--loop``, ``--retrofit-loop``,
 :func:`validate_inference_loop_args`).
 
 Everything that can be checked before a process group exists is checked here, so a
-bad spec fails with one ``error:`` line before anything is built or written.
+bad spec fails with one ``error:`` line before anything is built or written.  The
+functions are pure: the caller reads the ``--load`` checkpoint and passes its
+``arch`` record.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .spec import (
     build_schedule,
     check_stage_sizes,
     parse_repeats_schedule,
+    stage_sizes_from_layout,
 )
 
 
@@ -55,30 +58,10 @@ def validate_inference_loop_args(args) -> None:
     args.repeat_block = [str(RepeatBlock.parse(b, what="--repeat-block")) for b in (args.repeat_block or [])]
 
 
-def _checkpoint_arch(args) -> Optional[dict]:
-    """The ``arch`` record of the ``--load`` checkpoint (None without one).
-
-    Megatron-LM's auto-resume idiom (``--save X --load X`` before X holds a checkpoint)
-    starts from scratch: no checkpoint architecture then.
-    """
-    import os
-
-    from ..training.checkpointing import TRACKER, read_metadata
-
-    if not getattr(args, "load", None):
-        return None
-    save = getattr(args, "save", None)
-    if (save and os.path.abspath(args.load) == os.path.abspath(save)
-            and not os.path.exists(os.path.join(args.load, TRACKER))):
-        if args.retrofit_loop:
-            raise UsageError(f"--load {args.load!r} holds no checkpoint to continue from")
-        return None
-    return read_metadata(args.load).get("arch", {})
-
-
 def resolve_loop(args, arch: Optional[dict]) -> Optional[str]:
-    """The loop this run trains with: ``--loop``, or the checkpoint's loop, turned by
-    ``--retrofit-loop`` / ``--loop-repeats``.  Raises for inconsistent combinations."""
+    """The loop this run trains with: ``--loop``, or the checkpoint's loop (``arch``: its
+    architecture record, None without a checkpoint), turned by ``--retrofit-loop`` /
+    ``--loop-repeats``.  Raises for inconsistent combinations."""
     if arch is None:
         if args.retrofit_loop:
             raise UsageError("--retrofit-loop needs --load CHECKPOINT (it continues training a model)")
@@ -118,12 +101,14 @@ def resolve_loop(args, arch: Optional[dict]) -> Optional[str]:
     return loop
 
 
-def validate_loop_args(args) -> None:
+def validate_loop_args(args, arch: Optional[dict] = None, explicit_num_layers: bool = True) -> None:
+    """Check the loop flags against each other and the checkpoint's ``arch`` record; afterwards
+    ``args.loop`` is the loop this run trains with (``--retrofit-loop`` and ``--loop-repeats``
+    applied) and ``args.loop_repeats_curriculum`` the parsed ``--loop-repeats-schedule``."""
     loop = LoopSpec.parse(args.loop) if args.loop else None
     if loop is not None:
-        explicit = getattr(args, "_explicit_num_layers", None)
         if args.num_layers != loop.unique_layers:
-            if explicit:
+            if explicit_num_layers:
                 raise UsageError(
                     f"--loop {args.loop} has {loop.unique_layers} unique layers but --num-layers is "
                     f"{args.num_layers}"
@@ -136,16 +121,14 @@ def validate_loop_args(args) -> None:
             raise UsageError("use either --loop (train from scratch) or --retrofit-loop (continue), not both")
     if args.loop_repeats is not None and args.loop_repeats < 1:
         raise UsageError(f"--loop-repeats must be >= 1, got {args.loop_repeats}")
-    args.loop_repeats_schedule_parsed = (
+    args.loop_repeats_curriculum = (
         parse_repeats_schedule(args.loop_repeats_schedule) if args.loop_repeats_schedule else []
     )
-    arch = _checkpoint_arch(args)
     resolved = resolve_loop(args, arch)
     num_layers = int(arch["num_layers"]) if arch and "num_layers" in arch else args.num_layers
     if args.loop_repeats_schedule and not resolved:
         raise UsageError("--loop-repeats-schedule needs a looped model (--loop, --retrofit-loop or a looped --load)")
-    if arch is None and resolved:
-        args.loop = resolved  # --loop with --loop-repeats: train with the changed k
+    args.loop = resolved
     looped = bool(resolved)
     if looped and args.fp8_format and args.fp8_recipe == "delayed":
         raise UsageError(
@@ -159,8 +142,6 @@ def validate_loop_args(args) -> None:
             "--cuda-graph-impl none with --loop/--retrofit-loop/looped checkpoints"
         )
     if looped and args.pipeline_model_parallel_size > 1 and getattr(args, "pipeline_model_parallel_layout", None):
-        from .spec import stage_sizes_from_layout
-
         sizes = stage_sizes_from_layout(args.pipeline_model_parallel_layout, args.pipeline_model_parallel_size)
         if sum(sizes) == num_layers:
             schedule = build_schedule(num_layers, LoopSpec.parse(resolved))

@@ -32,9 +32,13 @@ LLAMA3_HIGH_FREQ_FACTOR = 4.0
 LLAMA3_ORIGINAL_MAX_POSITIONS = 8192
 
 
-def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron-LM's rule (``megatron/training/tokenizer``'s ``_vocab_size_with_padding``):
+def pad_vocab_size(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> int:
+    """Megatron-LM's rule (``megatron/training/tokenizer/tokenizer.py``'s ``_vocab_size_with_padding``):
     pad to a multiple of ``make_vocab_size_divisible_by * TP`` so the embedding splits over TP."""
+    if vocab_size < 1 or divisible_by < 1 or tp < 1:
+        raise UsageError(
+            f"vocabulary padding needs positive sizes, got vocab {vocab_size}, divisible-by {divisible_by}, TP {tp}"
+        )
     multiple = divisible_by * tp
     return int(math.ceil(vocab_size / multiple) * multiple)
 
@@ -75,9 +79,10 @@ class Arch:
 
     # ------------------------------------------------------------------ constructors
     @classmethod
-    def from_args(cls, args, padded_vocab_size: int) -> "Arch":
-        """From parsed ``pretrain`` arguments (preset and overrides already applied)."""
-        return cls(
+    def from_args(cls, args, padded_vocab_size: int, **overrides) -> "Arch":
+        """From parsed ``pretrain`` arguments (preset and overrides already applied);
+        ``overrides`` replace fields (e.g. the depth of a resumed checkpoint)."""
+        kw = dict(
             num_layers=args.num_layers,
             hidden_size=args.hidden_size,
             num_attention_heads=args.num_attention_heads,
@@ -96,6 +101,8 @@ class Arch:
             make_vocab_size_divisible_by=int(args.make_vocab_size_divisible_by),
             loop=LoopSpec.parse(args.loop) if getattr(args, "loop", None) else None,
         )
+        kw.update(overrides)
+        return cls(**kw)
 
     @classmethod
     def from_meta(cls, record: Dict[str, Any]) -> "Arch":
@@ -167,14 +174,19 @@ class Arch:
             tied_embeddings=self.tied,
         )
 
-    def check_tensor_parallel(self, tp: int, what: str = "TP") -> None:
-        """Refuse a tensor-parallel size megatron-core cannot split this model over."""
-        if tp < 1:
-            raise UsageError(f"{what} size must be >= 1, got {tp}")
+    def check_parallel(self, tp: int, pp: int = 1, what: str = "") -> None:
+        """Refuse a TP/PP layout megatron-core cannot build for this model (one line).
+
+        ``what`` prefixes the sizes in the message, e.g. ``"target"`` for conversion."""
+        label = f"{what} " if what else ""
+        if tp < 1 or pp < 1:
+            raise UsageError(f"{label}parallel sizes must be >= 1, got TP {tp}, PP {pp}")
         for name, n in (("attention heads", self.num_attention_heads), ("feed-forward size", self.ffn_hidden_size),
                         ("padded vocabulary", self.padded_vocab_size)):
             if n % tp:
-                raise UsageError(f"{what} {tp} does not divide the model's {name} ({n})")
+                raise UsageError(f"{label}TP {tp} does not divide the model's {name} ({n})")
         ng = self.num_query_groups
         if ng % tp and tp % ng:
-            raise UsageError(f"{what} {tp} and the model's {ng} key/value groups: one must divide the other")
+            raise UsageError(f"{label}TP {tp} and the model's {ng} key/value groups: one must divide the other")
+        if pp > self.num_layers:
+            raise UsageError(f"{label}PP {pp} exceeds the model's {self.num_layers} unique layers")

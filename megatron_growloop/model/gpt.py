@@ -10,14 +10,20 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import List, Optional, Sequence
 
+import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt import gpt_model as _gpt_model_module
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+from .. import platform
 from ..errors import UsageError
 from ..looping.block import LoopedTransformerBlock
-from ..looping.spec import LoopSpec, RepeatBlock
-from .config import GrowLoopConfig
+from ..looping.spec import RepeatBlock
+from .arch import Arch
+from .config import GrowLoopConfig, build_transformer_config
+from .implementation import Implementation
+from .parallel import ParallelLayout
 
 
 @contextmanager
@@ -31,11 +37,11 @@ def _decoder_block_class(cls):
         _gpt_model_module.TransformerBlock = saved
 
 
-def layer_spec(transformer_impl: str = "local"):
+def layer_spec(impl: Implementation):
     """The megatron-core layer spec: Transformer Engine when asked and importable."""
-    if transformer_impl == "transformer_engine":
+    if impl.transformer_impl == "transformer_engine":
         try:
-            import transformer_engine  # noqa: F401
+            import transformer_engine  # noqa: F401  (optional dependency)
         except Exception as exc:  # pragma: no cover - exercised on GPU machines only
             raise UsageError(
                 "--transformer-impl transformer_engine needs Transformer Engine "
@@ -46,17 +52,17 @@ def layer_spec(transformer_impl: str = "local"):
         )
 
         return get_gpt_layer_with_transformer_engine_spec()
-    if transformer_impl != "local":
+    if impl.transformer_impl != "local":
         raise UsageError(
-            f"unknown --transformer-impl {transformer_impl!r}; choose transformer_engine or local"
+            f"unknown --transformer-impl {impl.transformer_impl!r}; choose transformer_engine or local"
         )
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
     return get_gpt_layer_local_spec(normalization="RMSNorm")
 
 
 class GrowLoopGPTModel(GPTModel):
     """``GPTModel`` whose decoder applies its unique layers along a schedule."""
+
+    config: GrowLoopConfig
 
     def __init__(self, config: GrowLoopConfig, transformer_layer_spec, **kwargs):
         with _decoder_block_class(LoopedTransformerBlock):
@@ -64,10 +70,6 @@ class GrowLoopGPTModel(GPTModel):
         self.apply_schedule()
 
     # ------------------------------------------------------------------ schedule API
-    @property
-    def loop_spec(self) -> Optional[LoopSpec]:
-        return self.config.loop_spec()
-
     @property
     def schedule(self) -> List[int]:
         """Global unique-layer indices in application order (effective depth = its length)."""
@@ -83,22 +85,21 @@ class GrowLoopGPTModel(GPTModel):
 
     def set_loop_repeats(self, repeats: int) -> None:
         """Change k of the loop without rebuilding (inference, or between training phases)."""
-        spec = self.loop_spec
-        if spec is None:
+        if self.config.loop is None:
             raise UsageError(
                 "this model has no loop; use --repeat-block START:END:R to repeat a block "
                 "or --retrofit-loop to train one"
             )
         if int(repeats) < 1:
             raise UsageError(f"loop repeats must be >= 1, got {repeats}")
-        self.config.loop = str(spec.with_repeats(int(repeats)))
+        self.config.loop = self.config.loop.with_repeats(int(repeats))
         self.apply_schedule()
 
     def set_repeat_blocks(self, blocks: Sequence) -> None:
         """Repeat blocks of the effective-depth axis at inference (``S:E:R`` each)."""
-        parsed = [b if isinstance(b, RepeatBlock) else RepeatBlock.parse(str(b)) for b in blocks]
+        parsed = tuple(b if isinstance(b, RepeatBlock) else RepeatBlock.parse(str(b)) for b in blocks)
         old = self.config.repeat_blocks
-        self.config.repeat_blocks = tuple(str(b) for b in parsed)
+        self.config.repeat_blocks = parsed
         try:
             self.apply_schedule()
         except UsageError:
@@ -108,36 +109,59 @@ class GrowLoopGPTModel(GPTModel):
 
 
 def build_model(
-    config: GrowLoopConfig,
-    vocab_size: int,
-    max_sequence_length: int,
-    rotary_base: float = 10000.0,
-    share_embeddings_and_output_weights: bool = True,
-    transformer_impl: str = "local",
-    rope_scaling: bool = False,
-    rope_scaling_factor: float = 8.0,
+    arch: Arch,
+    layout: ParallelLayout = ParallelLayout(),
+    impl: Implementation = Implementation(),
+    repeat_blocks: Sequence[RepeatBlock] = (),
     pre_process: Optional[bool] = None,
     post_process: Optional[bool] = None,
     parallel_output: bool = True,
+    initialize: bool = True,
+    to_device: bool = True,
 ) -> GrowLoopGPTModel:
-    """Build this pipeline stage's part of the model (whole model when PP=1).
+    """Build this pipeline stage's part of ``arch`` (the whole model when PP=1).
 
-    ``parallel_output=False`` gathers the logits over tensor-parallel ranks (inference)."""
+    ``parallel_output=False`` gathers the logits over tensor-parallel ranks (inference);
+    ``initialize=False`` skips random initialisation (every parameter is overwritten next);
+    ``to_device`` moves the model to the GPU when there is one."""
+    config = build_transformer_config(arch, layout, impl, repeat_blocks, initialize=initialize)
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
-    return GrowLoopGPTModel(
+    rotary_base = arch.rotary_base
+    model = GrowLoopGPTModel(
         config,
-        layer_spec(transformer_impl),
-        vocab_size=vocab_size,
-        max_sequence_length=max_sequence_length,
+        layer_spec(impl),
+        vocab_size=arch.padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=parallel_output,
-        share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+        share_embeddings_and_output_weights=arch.tied,
         position_embedding_type="rope",
         rotary_base=int(rotary_base) if float(rotary_base).is_integer() else rotary_base,
-        rope_scaling=rope_scaling,
-        rope_scaling_factor=rope_scaling_factor,
+        rope_scaling=arch.rope_scaling,
+        rope_scaling_factor=arch.rope_scaling_factor,
     )
+    if to_device and platform.has_cuda():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def build_inference_model(
+    arch: Arch,
+    repeat_blocks: Sequence[RepeatBlock] = (),
+    impl: Implementation = Implementation(),
+    parallel_output: bool = False,
+    initialize: bool = True,
+    to_device: bool = True,
+) -> GrowLoopGPTModel:
+    """This rank's part of ``arch`` at the initialised parallel layout, in eval mode, with
+    logits gathered over TP.  Weights are random until a checkpoint is loaded into it."""
+    layout = ParallelLayout.current()
+    arch.check_parallel(layout.tp, layout.pp)
+    model = build_model(arch, layout, impl, repeat_blocks, parallel_output=parallel_output,
+                        initialize=initialize, to_device=to_device)
+    model.eval()
+    return model

@@ -12,7 +12,7 @@ import torch
 
 from . import cpu
 
-__all__ = ["setup", "has_cuda", "dist_backend", "device", "cpu"]
+__all__ = ["setup", "has_cuda", "te_importable", "dist_backend", "device", "cpu"]
 
 
 def has_cuda() -> bool:
@@ -48,3 +48,13 @@ def device() -> torch.device:
     if has_cuda():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def te_importable() -> bool:
+    """True when Transformer Engine's PyTorch part imports (an optional dependency)."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+
+        return True
+    except Exception:
+        return False

@@ -255,18 +255,3 @@ def activate(force: bool = False) -> bool:
         _STATE["mode"] = mode
         _STATE["active"] = True
         return True
-
-
-def deactivate() -> None:
-    """Undo :func:`activate` (used by the unit tests of this module)."""
-    with _LOCK:
-        if not _STATE["active"]:
-            return
-        mode = _STATE["mode"]
-        if mode is not None:
-            mode.__exit__(None, None, None)
-        for obj, name, value in reversed(list(_STATE["saved"].values())):
-            setattr(obj, name, value)
-        _STATE["saved"].clear()
-        _STATE["mode"] = None
-        _STATE["active"] = False

@@ -1,41 +1,46 @@
 """Command-line arguments of ``megatron_growloop.pretrain``.
 
 Flag names follow Megatron-LM's ``pretrain_gpt.py`` wherever the concept
-exists, so existing launch scripts need few changes.  Loop and growth flags are
-contributed by :mod:`megatron_growloop.looping.cli` and
-:mod:`megatron_growloop.growth.cli`.
+exists, so existing launch scripts need few changes.  Loop flags come from
+:mod:`megatron_growloop.looping.cli`; extensions (depth growth) contribute their
+flags through ``extra_args_providers``, as Megatron-LM's ``pretrain(...)`` takes
+``extra_args_provider``.
+
+:func:`parse_args` does everything that can be done before any process group
+exists -- flags, the model preset, the ``--load`` checkpoint's metadata (read once),
+every consistency check -- and returns a :class:`Launch`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import List, Optional
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from ..errors import UsageError
-from ..model.presets import PRESETS, get_preset
+from ..errors import ArgumentParser, UsageError
+from ..looping.cli import add_loop_args, validate_loop_args
+from ..model.arch import Arch
+from ..model.presets import PRESETS, ModelPreset, get_preset
+from ..platform import has_cuda, te_importable
+from .resume import apply_checkpoint_args, find_resume
 
-ARCH_ARGS = (
-    "num_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "num_query_groups",
-    "ffn_hidden_size",
-    "seq_length",
-    "max_position_embeddings",
-    "rotary_base",
-    "norm_epsilon",
-    "init_method_std",
-)
+ArgsProvider = Callable[[argparse.ArgumentParser], None]
+ArgsValidator = Callable[[argparse.Namespace], None]
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like every other usage error
-        self.exit(2, f"{self.prog}: error: {message}\n")
+@dataclass(frozen=True)
+class Launch:
+    """What ``pretrain`` decided before any process group exists."""
+
+    args: argparse.Namespace
+    resume: Optional[Dict[str, Any]] = None
+    """``growloop.json`` of the ``--load`` checkpoint (None: starting from scratch)."""
 
 
-def build_parser(prog: str = "megatron_growloop.pretrain") -> argparse.ArgumentParser:
-    p = _ArgumentParser(
+def build_parser(prog: str = "megatron_growloop.pretrain",
+                 extra_args_providers: Sequence[ArgsProvider] = ()) -> argparse.ArgumentParser:
+    p = ArgumentParser(
         prog=prog,
         description="Pretrain a (looped or depth-grown) SmolLM-style GPT on megatron-core.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -143,44 +148,22 @@ def build_parser(prog: str = "megatron_growloop.pretrain") -> argparse.ArgumentP
     g.add_argument("--metrics-file", default=None,
                    help="append one JSON line per iteration (loss, lr, grad norm, depth, FLOPs) to this file")
 
-    from ..growth.cli import add_growth_args
-    from ..looping.cli import add_loop_args
-
     add_loop_args(p)
-    add_growth_args(p)
+    for provider in extra_args_providers:
+        provider(p)
     return p
 
 
-# Architecture fields --use-checkpoint-args takes from a checkpoint's ``arch`` record.
-CHECKPOINT_ARCH_ARGS = ARCH_ARGS + ("kv_channels", "rope_scaling_factor")
-CHECKPOINT_ARCH_FLAGS = ("untie_embeddings_and_output_weights", "rope_scaling")
-
-
-def apply_checkpoint_args(args) -> None:
-    """``--use-checkpoint-args``: fill the architecture flags not given on the command
-    line from the ``--load`` checkpoint (before the preset fills the rest)."""
-    if not args.load:
-        raise UsageError("--use-checkpoint-args needs --load CHECKPOINT")
-    from .checkpointing import read_metadata, tokenizer_source
-
-    meta = read_metadata(args.load)
-    arch = meta.get("arch") or {}
-    for name in CHECKPOINT_ARCH_ARGS:
-        if getattr(args, name, None) is None and arch.get(name) is not None:
-            setattr(args, name, arch[name])
-    for name in CHECKPOINT_ARCH_FLAGS:
-        setattr(args, name, bool(getattr(args, name, False)) or bool(arch.get(name, False)))
-    tok_type, tok_model = tokenizer_source(meta)
-    if args.tokenizer_model is None and tok_type:
-        args.tokenizer_type, args.tokenizer_model = tok_type, tok_model
+# Architecture flags a preset fills: the fields a preset and the architecture record share.
+PRESET_ARCH_FIELDS = tuple(
+    f.name for f in fields(ModelPreset) if f.name in {a.name for a in fields(Arch)}
+)
 
 
 def apply_preset(args) -> None:
     """Fill architecture fields from ``--model-preset`` unless given explicitly."""
     preset = get_preset(args.model_preset)
-    args.preset = preset
-    args._explicit_num_layers = args.num_layers is not None
-    for name in ARCH_ARGS:
+    for name in PRESET_ARCH_FIELDS:
         if getattr(args, name, None) is None:
             setattr(args, name, getattr(preset, name))
     if args.num_query_groups is None:
@@ -198,7 +181,8 @@ def apply_preset(args) -> None:
         args.untie_embeddings_and_output_weights = True
 
 
-def validate_args(args, world_size: int) -> None:
+def validate_args(args, world_size: int, resume: Optional[Dict[str, Any]] = None,
+                  extra_validators: Sequence[ArgsValidator] = (), explicit_num_layers: bool = True) -> None:
     """Check everything that can be checked before any process group exists."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
@@ -276,24 +260,20 @@ def validate_args(args, world_size: int) -> None:
         args.tensorboard_dir = os.path.join(args.save, "tensorboard")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise UsageError("--overlap-param-gather needs --use-distributed-optimizer")
-    from ..growth.cli import validate_growth_args
-    from ..looping.cli import validate_loop_args
-
     # Loop checks first: refusing FP8-delayed / CUDA graphs for looped blocks must not
     # depend on Transformer Engine being installed.
-    validate_loop_args(args)
-    from ..platform import has_cuda
-
+    validate_loop_args(args, (resume or {}).get("arch"), explicit_num_layers)
     if args.transformer_impl is None:
-        args.transformer_impl = "transformer_engine" if (has_cuda() and _te_importable()) else "local"
-    if args.transformer_impl == "transformer_engine" and not _te_importable():
+        args.transformer_impl = "transformer_engine" if (has_cuda() and te_importable()) else "local"
+    if args.transformer_impl == "transformer_engine" and not te_importable():
         raise UsageError(
             "--transformer-impl transformer_engine: Transformer Engine is not importable here "
             "(install the gpu extra on a CUDA machine, or use --transformer-impl local)"
         )
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         raise UsageError("--fp8-format needs --transformer-impl transformer_engine")
-    validate_growth_args(args)
+    for validate in extra_validators:
+        validate(args)
     if pp > args.num_layers:
         raise UsageError(
             f"--num-layers {args.num_layers} cannot be split over --pipeline-model-parallel-size {pp} "
@@ -301,19 +281,19 @@ def validate_args(args, world_size: int) -> None:
         )
 
 
-def _te_importable() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-
-        return True
-    except Exception:
-        return False
-
-
-def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None):
-    args = build_parser().parse_args(argv)
+def parse_args(
+    argv: Optional[List[str]] = None,
+    world_size: Optional[int] = None,
+    extra_args_providers: Sequence[ArgsProvider] = (),
+    extra_validators: Sequence[ArgsValidator] = (),
+) -> Launch:
+    """Parse and check ``pretrain`` flags; read the ``--load`` checkpoint's metadata once."""
+    args = build_parser(extra_args_providers=extra_args_providers).parse_args(argv)
+    resume = find_resume(args)
     if args.use_checkpoint_args:
-        apply_checkpoint_args(args)
+        apply_checkpoint_args(args, resume)
+    explicit_num_layers = args.num_layers is not None
     apply_preset(args)
-    validate_args(args, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
-    return args
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    validate_args(args, world, resume, extra_validators, explicit_num_layers)
+    return Launch(args, resume)

@@ -98,7 +98,7 @@ def tokenizer_source(meta: Dict[str, Any]) -> Tuple[Optional[str], Optional[str]
 
 
 # ------------------------------------------------------------------------------------ RNG
-def _rng_state() -> Dict[str, Any]:
+def rng_state() -> Dict[str, Any]:
     return {
         "random": random.getstate(),
         "numpy": np.random.get_state(),
@@ -108,7 +108,7 @@ def _rng_state() -> Dict[str, Any]:
     }
 
 
-def _set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -201,7 +201,7 @@ def save_checkpoint(
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
-    state["rng_state"] = _rng_sharded_object(_rng_state())
+    state["rng_state"] = _rng_sharded_object(rng_state())
     state["iteration"] = iteration
     state["growloop"] = dict(common or {})
     dist_checkpointing.save(state, str(tmp), sharded_strategy=sharded_strategy, validate_access_integrity=True)
@@ -249,16 +249,11 @@ def load_checkpoint(
     optimizer=None,
     scheduler=None,
     load_rng: bool = True,
-    model_state_dict_fn=None,
 ) -> Dict[str, Any]:
-    """Load into live model (and optimizer/scheduler); return the common state and metadata.
-
-    ``model_state_dict_fn`` may supply a different *view* of the model's sharded state
-    dict to load through (growth loads new layers from their source layers this way).
-    """
+    """Load into live model (and optimizer/scheduler); return the common state and metadata."""
     ckpt, _ = resolve_load_dir(load_dir)
     meta = json.loads((ckpt / META_NAME).read_text())
-    model_sd = model_state_dict_fn() if model_state_dict_fn else model_sharded_state_dict(model_chunks)
+    model_sd = model_sharded_state_dict(model_chunks)
     request: Dict[str, Any] = {"model": model_sd}
     load_optim = optimizer is not None and meta.get("has_optimizer", False)
     if load_optim and meta.get("distributed_optimizer", False) != _is_distributed_optimizer(optimizer):
@@ -273,15 +268,8 @@ def load_checkpoint(
     same_layout = meta.get("parallel") == _parallel_layout()
     if load_rng and same_layout:
         request["rng_state"] = _rng_sharded_object()
-    strategy = None
-    if model_state_dict_fn is not None:
-        from ..growth.apply import DedupLoadStrategy
-
-        strategy = DedupLoadStrategy()
     try:
-        loaded = dist_checkpointing.load(
-            request, str(ckpt), sharded_strategy=strategy, validate_access_integrity=strategy is None
-        )
+        loaded = dist_checkpointing.load(request, str(ckpt))
     except Exception as exc:  # noqa: BLE001
         raise UsageError(
             f"cannot load checkpoint {str(ckpt)!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
@@ -292,6 +280,6 @@ def load_checkpoint(
     if scheduler is not None and "opt_param_scheduler" in loaded and meta.get("has_optimizer", False):
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if "rng_state" in loaded:
-        _set_rng_state(loaded["rng_state"])
+        set_rng_state(loaded["rng_state"])
     common = loaded.get("growloop", {}) or {}
     return {"common": common, "metadata": meta, "dir": str(ckpt), "loaded_optimizer": load_optim}

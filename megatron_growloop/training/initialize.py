@@ -67,8 +67,3 @@ def teardown() -> None:
 
 def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def print_rank0(*args, **kwargs) -> None:
-    if is_rank0():
-        print(*args, **kwargs, flush=True)

@@ -1,61 +1,76 @@
 """The training loop on megatron-core: DDP, the Megatron optimizer, pipeline schedules.
 
-One :class:`Trainer` owns the model chunks, the DDP wrapper, the optimizer and the
-LR scheduler.  :meth:`Trainer.build` can be called again at another depth (depth
-growth rebuilds everything but the scheduler, the counters and the data
-iterators).
+A :class:`Trainer` holds the architecture record (``arch``), the model stack
+(:class:`~.factory.ModelStack`: model chunk, DDP, optimizer), the LR scheduler, the
+counters (:class:`TrainState`) and the data iterators.  Controllers (depth growth, a
+curriculum on k) change the model between steps through a narrow public interface:
+
+* ``arch``, ``layout``, ``impl``, ``state``, ``args`` (read only);
+* :meth:`model_space_state` -- model and optimizer state in model space;
+* :meth:`rebuild` -- a new model stack for another architecture, filled by the caller,
+  keeping the scheduler, the counters, the data position and the RNG;
+* :meth:`set_loop_repeats`, :meth:`log_text`, :meth:`log_scalars`.
+
+The trainer never imports a controller; ``megatron_growloop.pretrain`` composes them.
 """
 
 from __future__ import annotations
 
+import json
 import math
-import os
 import resource
 import time
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from .. import accounting, platform
-from ..data.datasets import BatchSchedule, MicroBatchIterator, build_gpt_datasets, parse_blend
+from ..data.datasets import GlobalBatch, MicroBatchIterator, build_gpt_datasets, parse_blend
+from ..data.default_corpus import default_data_prefix
+from ..data.mock import MockDataset
 from ..data.tokenizer import build_tokenizer
 from ..errors import UsageError
-from ..growth.operators import Lineage, initial_lineage
-from ..looping.cli import resolve_loop
 from ..looping.ddp import reset_grad_ready_counts
-from ..looping.spec import LoopSpec, repeats_at
-from ..model.config import ARCH_FIELDS, GrowLoopConfig, build_transformer_config, stage_sizes_for
-from ..model.gpt import GrowLoopGPTModel, build_model
+from ..model.arch import Arch, pad_vocab_size
+from ..model.gpt import GrowLoopGPTModel
+from ..model.implementation import Implementation
+from ..model.parallel import ParallelLayout
 from . import checkpointing
+from .arguments import Launch
+from .controller import Controller
+from .factory import ModelStack, OptimizerSettings, build_scheduler, build_stack
 from .initialize import init_distributed
 from .logger import MetricsLogger
-
-
-def pad_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
-    return int(math.ceil(vocab_size / multiple) * multiple)
+from .loop_curriculum import LoopRepeatsCurriculum
+from .resume import resolve_arch
 
 
 @dataclass
 class TrainState:
+    """Counters that a checkpoint carries and a resume restores exactly."""
+
     iteration: int = 0
     consumed_train_samples: int = 0
     consumed_valid_samples: int = 0
     training_flops: float = 0.0
     tokens: int = 0
-    growth_steps_done: int = 0
     lineage: List[Dict[str, int]] = field(default_factory=list)
+    """Per layer: the initial layer it descends from and the growth step that created it
+    (maintained by depth growth; carried unchanged otherwise)."""
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainState":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -86,8 +101,16 @@ def peak_memory_bytes() -> int:
 
 
 class Trainer:
-    def __init__(self, args):
-        self.args = args
+    args: Any
+    arch: Arch
+    layout: ParallelLayout
+    impl: Implementation
+    state: TrainState
+    stack: Optional[ModelStack]
+
+    def __init__(self, launch: Launch, controllers: Sequence[Controller] = ()):
+        args = self.args = launch.args
+        self.resume = launch.resume
         init_distributed(
             args.tensor_model_parallel_size,
             args.pipeline_model_parallel_size,
@@ -98,88 +121,84 @@ class Trainer:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.is_logging_rank = self.rank == self.world_size - 1  # on the last pipeline stage
-        self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model) if not args.mock_data or args.vocab_size is None else None
+        self.tokenizer = (build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+                          if not args.mock_data or args.vocab_size is None else None)
         vocab = self.tokenizer.vocab_size if self.tokenizer is not None else args.vocab_size
-        self.padded_vocab_size = pad_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+        padded = pad_vocab_size(vocab, args.make_vocab_size_divisible_by, args.tensor_model_parallel_size)
+        self.arch = resolve_arch(args, padded, self.resume)
+        self.layout = ParallelLayout.from_args(args)
+        self.impl = Implementation.from_args(args)
+        self.optim = OptimizerSettings.from_args(args)
         self.state = TrainState()
-        self.num_layers = args.num_layers
-        self.loop = args.loop
-        self.state.lineage = [l.to_dict() for l in initial_lineage(self.num_layers)]
-        self.model: List[torch.nn.Module] = []
-        self.optimizer = None
+        self.stack = None
         self.scheduler = None
-        self.config: Optional[GrowLoopConfig] = None
-        self.growth_plan = getattr(args, "growth_plan", None)
-        self._load_meta: Optional[Dict[str, Any]] = None
+        self.logger: Optional[MetricsLogger] = None
+        self.controllers: List[Controller] = list(controllers)
+        if args.loop_repeats_curriculum:
+            self.controllers.append(LoopRepeatsCurriculum(args.loop_repeats_curriculum))
+        self._grad_sync_layers = None
 
-    # ------------------------------------------------------------------ building
+    # ------------------------------------------------------------------ the model stack
     @property
-    def tied(self) -> bool:
-        return not self.args.untie_embeddings_and_output_weights
+    def model(self) -> List[torch.nn.Module]:
+        """The DDP-wrapped model chunks (what megatron-core's schedules take)."""
+        return self.stack.chunks
 
-    def build(self, num_layers: int, loop: Optional[str]) -> None:
-        """(Re)build config, model, DDP and optimizer at ``num_layers`` unique layers."""
-        args = self.args
-        self.config = build_transformer_config(args, num_layers=num_layers, loop=loop)
-        model = build_model(
-            self.config,
-            vocab_size=self.padded_vocab_size,
-            max_sequence_length=args.max_position_embeddings,
-            rotary_base=args.rotary_base,
-            share_embeddings_and_output_weights=self.tied,
-            transformer_impl=args.transformer_impl,
-            rope_scaling=bool(getattr(args, "rope_scaling", False)),
-            rope_scaling_factor=float(getattr(args, "rope_scaling_factor", None) or 8.0),
-        )
-        if platform.has_cuda():
-            model.cuda(torch.cuda.current_device())
-        if args.bf16 or args.fp16:
-            # As Megatron-LM: cast every parameter (norms included) to the 16-bit dtype and convert
-            # inputs/outputs at the pipeline ends; the optimizer keeps fp32 main params.
-            from megatron.core.transformer.module import Float16Module
+    @property
+    def optimizer(self):
+        return self.stack.optimizer
 
-            model = Float16Module(self.config, model)
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=args.overlap_grad_reduce,
-            overlap_param_gather=args.overlap_param_gather,
-            use_distributed_optimizer=args.use_distributed_optimizer,
-            check_for_nan_in_grad=False,
-        )
-        ddp = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=model)
-        ddp.broadcast_params()
-        self.model = [ddp]
-        opt_config = OptimizerConfig(
-            optimizer="adam",
-            lr=args.lr,
-            min_lr=args.min_lr,
-            weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2,
-            adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad,
-            bf16=args.bf16,
-            fp16=args.fp16,
-            params_dtype=self.config.params_dtype,
-            use_distributed_optimizer=args.use_distributed_optimizer,
-            overlap_param_gather=args.overlap_param_gather,
-        )
-        self.optimizer = get_megatron_optimizer(opt_config, self.model)
+    @property
+    def unwrapped(self) -> GrowLoopGPTModel:
+        return self.stack.model
+
+    @property
+    def config(self):
+        return self.stack.config
+
+    def _build(self) -> None:
+        self.stack = build_stack(self.arch, self.layout, self.impl, self.optim)
         if self.scheduler is None:
-            self.scheduler = self._build_scheduler()
-        else:  # keep the schedule position; point it at the new optimizer
-            self.scheduler.optimizer = self.optimizer
-            self.scheduler.step(0)
-        cfg = self.config
-        cfg.grad_scale_func = self.optimizer.scale_loss
-        cfg.no_sync_func = ddp.no_sync
-        cfg.finalize_model_grads_func = finalize_model_grads
-        if args.overlap_grad_reduce:
-            cfg.grad_sync_func = ddp.start_grad_sync
-        if args.overlap_param_gather:
-            cfg.param_sync_func = ddp.start_param_sync
-        self.num_layers, self.loop = num_layers, loop
-        self._grad_sync_schedule = None
+            self.scheduler = build_scheduler(self.optimizer, self.args)
+        self._grad_sync_layers = None
+
+    @contextmanager
+    def _params_synced(self):
+        """Finish the deferred parameter all-gather of ``--overlap-param-gather`` so the model's
+        weights are current (as Megatron-LM disables the forward pre-hooks around a save)."""
+        hooked = [m for m in self.model if getattr(m, "use_forward_hook", False)]
+        for m in hooked:
+            m.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for m in hooked:
+                m.enable_forward_pre_hook()
+
+    def model_space_state(self) -> Dict[str, Any]:
+        """Model and optimizer sharded state dicts in model space (``fully_reshardable``),
+        with current weights: what a rebuilt model is filled from."""
+        with self._params_synced():
+            model_sd = checkpointing.model_sharded_state_dict(self.model)
+            return {
+                "model": model_sd,
+                "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=checkpointing.OPTIM_METADATA),
+            }
+
+    def rebuild(self, arch: Arch, fill: Callable[[ModelStack], None]) -> None:
+        """Replace the model stack by one for ``arch`` (same layout and implementation; the
+        pipeline stages are re-balanced) and let ``fill`` load its state.  The LR scheduler,
+        the counters, the data position and the RNG state carry over unchanged."""
+        rng = checkpointing.rng_state()
+        self.scheduler.optimizer = None
+        self.stack.release()
+        self.stack = None
+        self.arch = arch
+        self._build()
+        fill(self.stack)
+        self.scheduler.optimizer = self.optimizer
+        self.scheduler.step(0)  # lr/wd of the schedule position into the new param groups
+        checkpointing.set_rng_state(rng)
 
     def set_loop_repeats(self, repeats: int) -> None:
         """Change k of the looped model between training steps (a new training phase).
@@ -188,176 +207,77 @@ class Trainer:
         groups re-learn how often each parameter's gradient hook fires per step (it
         depends on k with activation recomputation), see :mod:`megatron_growloop.looping.ddp`.
         """
-        model = self.unwrapped
-        model.set_loop_repeats(repeats)
-        self.loop = model.config.loop
+        self.arch = self.arch.with_repeats(repeats)
+        self.unwrapped.set_loop_repeats(repeats)
         reset_grad_ready_counts(self.model)
-        self._grad_sync_schedule = tuple(model.schedule)
+        self._grad_sync_layers = tuple(self.unwrapped.schedule)
 
-    def _apply_loop_repeats_schedule(self) -> None:
-        """``--loop-repeats-schedule``: set k for the coming step."""
-        sched = getattr(self.args, "loop_repeats_schedule_parsed", None)
-        if not sched or not self.loop:
-            return
-        current = LoopSpec.parse(self.loop).repeats
-        k = repeats_at(sched, self.state.iteration, self._base_repeats)
-        if k != current:
-            self.set_loop_repeats(k)
-            if getattr(self, "logger", None) is not None:
-                self.logger.text(
-                    f"iteration {self.state.iteration}: loop repeats {current} -> {k} "
-                    f"(Loop({self.loop}), effective depth {self.unwrapped.effective_depth})"
-                )
+    # ------------------------------------------------------------------ logging
+    def log_text(self, text: str) -> None:
+        if self.logger is not None:
+            self.logger.text(text)
+        elif self.is_logging_rank:
+            print(text, flush=True)
 
-    def _build_scheduler(self) -> OptimizerParamScheduler:
-        a = self.args
-        return OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0 if a.lr_warmup_iters > 0 else a.lr,
-            max_lr=a.lr,
-            min_lr=a.min_lr,
-            lr_warmup_steps=a.lr_warmup_iters,
-            lr_decay_steps=a.lr_decay_iters,
-            lr_decay_style=a.lr_decay_style,
-            start_wd=a.weight_decay,
-            end_wd=a.weight_decay,
-            wd_incr_steps=a.train_iters,
-            wd_incr_style="constant",
-            use_checkpoint_opt_param_scheduler=False,
-            override_opt_param_scheduler=True,
-            wsd_decay_steps=a.lr_wsd_decay_iters,
-            lr_wsd_decay_style=a.lr_wsd_decay_style,
-        )
-
-    @property
-    def unwrapped(self) -> GrowLoopGPTModel:
-        return checkpointing.unwrap(self.model[0])
+    def log_scalars(self, iteration: int, scalars: Dict[str, float]) -> None:
+        if self.logger is not None:
+            self.logger.log(iteration, scalars, console=False)
 
     # ------------------------------------------------------------------ metadata
-    def arch_metadata(self) -> Dict[str, Any]:
-        a = self.args
-        return {
-            "num_layers": self.num_layers,
-            "hidden_size": a.hidden_size,
-            "num_attention_heads": a.num_attention_heads,
-            "num_query_groups": a.num_query_groups,
-            "ffn_hidden_size": a.ffn_hidden_size,
-            "kv_channels": a.kv_channels,
-            "seq_length": a.seq_length,
-            "max_position_embeddings": a.max_position_embeddings,
-            "rotary_base": a.rotary_base,
-            "rope_scaling": bool(getattr(a, "rope_scaling", False)),
-            "rope_scaling_factor": float(getattr(a, "rope_scaling_factor", 8.0)),
-            "norm_epsilon": a.norm_epsilon,
-            "init_method_std": a.init_method_std,
-            "untie_embeddings_and_output_weights": bool(a.untie_embeddings_and_output_weights),
-            "padded_vocab_size": self.padded_vocab_size,
-            "make_vocab_size_divisible_by": a.make_vocab_size_divisible_by,
-            "loop": self.loop,
-        }
+    def accounting(self) -> Dict[str, int]:
+        a = self.arch
+        return accounting.summary(a, a.padded_vocab_size, a.tied, self.args.seq_length, self.unwrapped.effective_depth)
 
     def checkpoint_metadata(self) -> Dict[str, Any]:
         a = self.args
         meta = {
-            "arch": self.arch_metadata(),
+            "arch": self.arch.to_meta(),
             "model_preset": a.model_preset,
             "tokenizer": {
                 "type": a.tokenizer_type,
                 "model": a.tokenizer_model,
                 "vocab_size": self.tokenizer.vocab_size if self.tokenizer else a.vocab_size,
             },
-            "accounting": accounting.summary(
-                self.config, self.padded_vocab_size, self.tied, a.seq_length, self.unwrapped.effective_depth
-            ),
+            "accounting": self.accounting(),
             "training_flops": self.state.training_flops,
             "consumed_train_samples": self.state.consumed_train_samples,
             "tokens": self.state.tokens,
-            "lineage": self.state.lineage,
+            "lineage": self.state.lineage or None,
             "growth": None,
         }
-        if self.growth_plan is not None:
-            p = self.growth_plan
-            meta["growth"] = {
-                "method": p.method,
-                "block_size": p.block_size,
-                "start_depth": p.start_depth,
-                "final_depth": p.final_depth,
-                "grow_iters": p.grow_iters,
-                "alpha": p.alpha,
-                "budgets": p.budgets,
-                "growth_iterations": p.growth_iterations,
-                "steps_done": self.state.growth_steps_done,
-            }
+        for c in self.controllers:
+            meta.update(c.checkpoint_metadata(self))
         return meta
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Optional[str]:
-        if not self.args.save:
+    def save(self, directory: Optional[str] = None, extra_metadata: Optional[Dict[str, Any]] = None) -> Optional[str]:
+        """Save a checkpoint of the current state to ``--save`` (or ``directory``); returns its path."""
+        directory = directory or self.args.save
+        if not directory:
             return None
-        # With --overlap-param-gather the all-gather of the updated parameters is deferred to
-        # the next forward pass; gather now so the saved weights are current (as Megatron-LM
-        # does by disabling the forward pre-hooks around a save).
-        hooked = [m for m in self.model if getattr(m, "use_forward_hook", False)]
-        for m in hooked:
-            m.disable_forward_pre_hook(param_sync=True)
-        try:
-            path = checkpointing.save_checkpoint(
-                self.args.save,
+        with self._params_synced():
+            return checkpointing.save_checkpoint(
+                directory,
                 self.state.iteration,
                 self.model,
                 self.optimizer,
                 self.scheduler,
                 common={"state": self.state.to_dict()},
-                metadata=self.checkpoint_metadata(),
+                metadata={**self.checkpoint_metadata(), **(extra_metadata or {})},
             )
-        finally:
-            for m in hooked:
-                m.enable_forward_pre_hook()
-        return path
-
-    def _resolve_resume(self) -> None:
-        """Take depth, loop and lineage from the checkpoint being resumed."""
-        a = self.args
-        meta = checkpointing.read_metadata(a.load)
-        arch = meta.get("arch", {})
-        for name in ("hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
-                     "untie_embeddings_and_output_weights", "rope_scaling"):
-            if name in arch and arch[name] != getattr(a, name, None):
-                flag = "--use-rope-scaling" if name == "rope_scaling" else "--" + name.replace("_", "-")
-                raise UsageError(
-                    f"--load {a.load!r} has {name}={arch[name]} but this run has "
-                    f"{flag} {getattr(a, name, None)} (pass --use-checkpoint-args to take the checkpoint's architecture)"
-                )
-        if "padded_vocab_size" in arch and arch["padded_vocab_size"] != self.padded_vocab_size:
-            ckpt_vocab = arch["padded_vocab_size"]
-            if ckpt_vocab % a.tensor_model_parallel_size:
-                raise UsageError(
-                    f"--load {a.load!r} has padded vocabulary {ckpt_vocab}, which TP "
-                    f"{a.tensor_model_parallel_size} cannot split; use another TP size"
-                )
-            self.padded_vocab_size = ckpt_vocab
-        self.num_layers = int(arch.get("num_layers", self.num_layers))
-        # the checkpoint's loop, turned by --retrofit-loop / --loop-repeats (validated at parse time)
-        self.loop = resolve_loop(a, arch)
-        if meta.get("lineage") and not a.finetune:
-            self.state.lineage = meta["lineage"]
-        elif len(self.state.lineage) != self.num_layers:
-            self.state.lineage = [l.to_dict() for l in initial_lineage(self.num_layers)]
-        self._load_meta = meta
 
     def _load(self) -> None:
         a = self.args
-        optimizer = None if (a.no_load_optim or a.finetune) else self.optimizer
-        scheduler = None if (a.no_load_optim or a.finetune) else self.scheduler
+        fresh_optimizer = a.no_load_optim or a.finetune
         out = checkpointing.load_checkpoint(
-            a.load, self.model, optimizer, scheduler, load_rng=not (a.no_load_rng or a.finetune)
+            a.load, self.model, None if fresh_optimizer else self.optimizer,
+            None if fresh_optimizer else self.scheduler, load_rng=not (a.no_load_rng or a.finetune),
         )
         if not a.finetune:
             st = out["common"].get("state")
             if st:
-                lineage = self.state.lineage
-                self.state = TrainState(**st)
-                self.state.lineage = lineage
+                self.state = TrainState.from_dict(st)
+            self.state.lineage = list(self.resume.get("lineage") or [])
         if not out["loaded_optimizer"]:
             # Fresh optimizer state (--finetune, --no-load-optim, or a checkpoint without one, e.g. a
             # converted Hugging Face model): its fp32 main params must start from the loaded weights.
@@ -366,26 +286,22 @@ class Trainer:
     # ------------------------------------------------------------------ data
     def build_data(self) -> None:
         a = self.args
-        self.schedule = BatchSchedule(
+        self.batch = GlobalBatch(
             a.micro_batch_size, a.global_batch_size, parallel_state.get_data_parallel_world_size(),
             parallel_state.get_data_parallel_rank(),
         )
         n_train = a.train_iters * a.global_batch_size
         n_eval_rounds = (a.train_iters // a.eval_interval + 1) if a.eval_interval else 1
         n_valid = n_eval_rounds * a.eval_iters * a.global_batch_size
+        self.cooldown_ds = None
         if a.mock_data:
-            from ..data.mock import MockDataset
-
-            self.train_ds = MockDataset(self.padded_vocab_size if self.tokenizer is None else self.tokenizer.vocab_size,
-                                        a.seq_length, a.seed)
-            self.valid_ds = MockDataset(self.train_ds.vocab_size, a.seq_length, a.seed + 1)
-            self.cooldown_ds = None
+            vocab = self.arch.padded_vocab_size if self.tokenizer is None else self.tokenizer.vocab_size
+            self.train_ds = MockDataset(vocab, a.seq_length, a.seed)
+            self.valid_ds = MockDataset(vocab, a.seq_length, a.seed + 1)
         else:
             if a.data_path:
                 blend = parse_blend(a.data_path)
             else:
-                from ..data.default_corpus import default_data_prefix
-
                 if dist.get_rank() == 0:
                     default_data_prefix(self.tokenizer)
                 dist.barrier()
@@ -393,7 +309,6 @@ class Trainer:
             self.train_ds, self.valid_ds, _ = build_gpt_datasets(
                 blend, self.tokenizer, a.seq_length, [n_train, n_valid, 0], a.split, a.seed, a.data_cache_path
             )
-            self.cooldown_ds = None
             if a.cooldown_data_path:
                 n_cool = (a.train_iters - a.cooldown_start_iter) * a.global_batch_size
                 self.cooldown_ds, _, _ = build_gpt_datasets(
@@ -408,15 +323,13 @@ class Trainer:
         a, st = self.args, self.state
         cool = a.cooldown_start_iter if self.cooldown_ds is not None else None
         if cool is not None and st.iteration >= cool:
-            self.train_iter = MicroBatchIterator(
-                self.cooldown_ds, self.schedule, (st.iteration - cool) * a.global_batch_size
-            )
+            self.train_iter = MicroBatchIterator(self.cooldown_ds, self.batch, (st.iteration - cool) * a.global_batch_size)
             self._in_cooldown = True
         else:
-            self.train_iter = MicroBatchIterator(self.train_ds, self.schedule, st.consumed_train_samples)
+            self.train_iter = MicroBatchIterator(self.train_ds, self.batch, st.consumed_train_samples)
             self._in_cooldown = False
         self.valid_iter = (
-            MicroBatchIterator(self.valid_ds, self.schedule, st.consumed_valid_samples) if self.valid_ds else None
+            MicroBatchIterator(self.valid_ds, self.batch, st.consumed_valid_samples) if self.valid_ds else None
         )
 
     # ------------------------------------------------------------------ steps
@@ -427,7 +340,7 @@ class Trainer:
             forward_step_func=forward_step,
             data_iterator=data_iter,
             model=self.model,
-            num_microbatches=self.schedule.num_microbatches,
+            num_microbatches=self.batch.num_microbatches,
             seq_length=a.seq_length,
             micro_batch_size=a.micro_batch_size,
             decoder_seq_length=a.seq_length,
@@ -445,10 +358,10 @@ class Trainer:
         return float(total[0] / total[1].clamp(min=1))
 
     def train_step(self) -> Dict[str, Any]:
-        schedule = tuple(self.unwrapped.schedule)
-        if self._grad_sync_schedule is not None and schedule != self._grad_sync_schedule:
+        layers = tuple(self.unwrapped.schedule)
+        if self._grad_sync_layers is not None and layers != self._grad_sync_layers:
             reset_grad_ready_counts(self.model)  # the schedule changed behind set_loop_repeats' back
-        self._grad_sync_schedule = schedule
+        self._grad_sync_layers = layers
         if self.cooldown_ds is not None and not self._in_cooldown and self.state.iteration >= self.args.cooldown_start_iter:
             self._make_iterators()
         for m in self.model:
@@ -479,51 +392,37 @@ class Trainer:
     # ------------------------------------------------------------------ main loop
     def setup(self) -> None:
         a = self.args
-        if a.load and a.save and os.path.abspath(a.load) == os.path.abspath(a.save):
-            # Megatron-LM's auto-resume idiom (--save X --load X): a run that has not saved yet
-            # starts from scratch instead of failing.
-            if not os.path.exists(os.path.join(a.load, checkpointing.TRACKER)):
-                if a.retrofit_loop or a.finetune:
-                    raise UsageError(f"--load {a.load!r} holds no checkpoint to continue from")
-                if self.is_logging_rank:
-                    print(f"no checkpoint in {a.load} yet: starting from scratch", flush=True)
-                a.load = None
-        if a.load:
-            self._resolve_resume()
-        self.build(self.num_layers, self.loop)
+        if a.fresh_start and self.is_logging_rank:
+            print(f"no checkpoint in {a.save} yet: starting from scratch", flush=True)
+        self._build()
         if a.load:
             self._load()
         self.build_data()
-        self._base_repeats = LoopSpec.parse(self.loop).repeats if self.loop else None
-        if self.growth_plan is not None:
-            from ..growth.apply import check_resume_depth
-
-            check_resume_depth(self)
+        for c in self.controllers:
+            c.setup(self, self.resume)
 
     def describe(self) -> str:
-        a = self.args
-        s = accounting.summary(self.config, self.padded_vocab_size, self.tied, a.seq_length, self.unwrapped.effective_depth)
-        loop = f"Loop({self.loop})" if self.loop else "no loop"
+        a, arch = self.args, self.arch
+        s = self.accounting()
+        loop = f"Loop({arch.loop})" if arch.loop else "no loop"
         return (
-            f"model: {self.num_layers} unique layers, effective depth {s['effective_depth']} ({loop}), "
-            f"hidden {a.hidden_size}, heads {a.num_attention_heads}/{a.num_query_groups}, ffn {a.ffn_hidden_size}, "
-            f"vocab {self.padded_vocab_size}; unique parameters {s['unique_parameters']:,}; "
+            f"model: {arch.num_layers} unique layers, effective depth {s['effective_depth']} ({loop}), "
+            f"hidden {arch.hidden_size}, heads {arch.num_attention_heads}/{arch.num_query_groups}, "
+            f"ffn {arch.ffn_hidden_size}, vocab {arch.padded_vocab_size}; unique parameters {s['unique_parameters']:,}; "
             f"inference {s['inference_flops_per_token'] / 1e9:.3f} GFLOP/token; "
-            f"parallel TP={a.tensor_model_parallel_size} PP={a.pipeline_model_parallel_size} "
+            f"parallel TP={self.layout.tp} PP={self.layout.pp} "
             f"DP={parallel_state.get_data_parallel_world_size()}; impl {a.transformer_impl}; "
             f"device {'cuda' if platform.has_cuda() else 'cpu'}"
         )
 
     def _write_metrics(self, it: int, out: Dict[str, Any], depth: int, dt: float) -> None:
-        import json
-
         rec = {
             "iteration": it,
             "loss": out["loss"],
             "lr": out["lr"],
             "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
             "effective_depth": depth,
-            "num_layers": self.num_layers,
+            "num_layers": self.arch.num_layers,
             "step_time_s": dt,
             "training_flops": self.state.training_flops,
             "consumed_train_samples": self.state.consumed_train_samples,
@@ -539,9 +438,10 @@ class Trainer:
         logger = MetricsLogger(self.is_logging_rank, a.tensorboard_dir, a.train_iters, self.state.iteration)
         self.logger = logger
         logger.text(self.describe())
-        if self.growth_plan is not None:
-            logger.text(self.growth_plan.describe())
-        shape = accounting.ArchShape.from_config(self.config, self.padded_vocab_size, self.tied)
+        for c in self.controllers:
+            line = c.describe()
+            if line:
+                logger.text(line)
         tokens_per_iter = a.global_batch_size * a.seq_length
         peak = None
         if platform.has_cuda():
@@ -550,17 +450,13 @@ class Trainer:
         window_t, window_flops, window_tokens, window_n = 0.0, 0.0, 0, 0
         final_eval = None
         while self.state.iteration < a.train_iters:
-            if self.growth_plan is not None:
-                from ..growth.apply import maybe_grow
-
-                if maybe_grow(self):
-                    shape = accounting.ArchShape.from_config(self.config, self.padded_vocab_size, self.tied)
-            self._apply_loop_repeats_schedule()
+            for c in self.controllers:
+                c.before_step(self)
             t0 = time.perf_counter()
             out = self.train_step()
             dt = time.perf_counter() - t0
             depth = self.unwrapped.effective_depth
-            flops = shape.training_flops_per_token(depth, a.seq_length) * tokens_per_iter
+            flops = self.arch.shape.training_flops_per_token(depth, a.seq_length) * tokens_per_iter
             self.state.iteration += 1
             self.state.consumed_train_samples += a.global_batch_size
             self.state.tokens += tokens_per_iter
@@ -609,10 +505,7 @@ class Trainer:
             "checkpoint": saved,
             "tensorboard_dir": a.tensorboard_dir,
         }
-        if self.growth_plan is not None:
-            from ..growth.apply import flops_report
-
-            summary["growth_flops"] = flops_report(self)
-            logger.text(summary["growth_flops"]["text"])
+        for c in self.controllers:
+            summary.update(c.finish(self))
         logger.close()
         return summary

@@ -1,6 +1,6 @@
 """Greedy generation from a checkpoint, with k and repeated blocks chosen at run time.
 
-    python -m megatron_growloop.looping.generate --load CKPT --prompt "The cat" \\
+    python -m megatron_growloop.generate --load CKPT --prompt "The cat" \\
         --max-new-tokens 32 [--loop-repeats K] [--repeat-block START:END:R ...] [--no-cache]
 
 Runs any checkpoint (baseline, grown, looped, retrofitted) with its trained schedule
@@ -17,21 +17,23 @@ import sys
 import warnings
 from typing import List, Optional
 
-from ..errors import UsageError, cli_errors
-from .cli import add_inference_loop_args, validate_inference_loop_args
-from .spec import LoopSpec, build_schedule
+import torch
 
-PROG = "megatron_growloop.looping.generate"
+from .errors import ArgumentParser, UsageError, cli_errors
+from .looping.cli import add_inference_loop_args, validate_inference_loop_args
+from .looping.spec import RepeatBlock
+from .model.generate import greedy_generate
+from .model.implementation import Implementation
+from .training import checkpointing
+from .training.inference import checkpoint_arch, load_model
+from .training.initialize import init_distributed, is_rank0, teardown
+
+PROG = "megatron_growloop.generate"
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--load", required=True, help="checkpoint directory (a --save dir or one iter_* dir)")
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable: a batch)")
@@ -45,17 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_schedule(meta: dict, loop_repeats: Optional[int], repeat_blocks: List[str]) -> List[int]:
     """The schedule the checkpoint will run with; raises a one-line error for bad specs."""
-    from .spec import RepeatBlock
-
-    arch = meta["arch"]
-    loop = arch.get("loop")
-    if loop_repeats is not None:
-        if not loop:
-            raise UsageError("--loop-repeats: this checkpoint has no loop (use --repeat-block START:END:R)")
-        loop = str(LoopSpec.parse(loop).with_repeats(loop_repeats))
-    return build_schedule(
-        int(arch["num_layers"]), LoopSpec.parse(loop) if loop else None, [RepeatBlock.parse(b) for b in repeat_blocks]
-    )
+    arch = checkpoint_arch(meta, loop_repeats)
+    return arch.schedule([RepeatBlock.parse(b) for b in repeat_blocks])
 
 
 def main(argv: Optional[List[str]] = None) -> List[str]:
@@ -64,19 +57,11 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
         validate_inference_loop_args(args)
         if args.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        from ..training import checkpointing
-
         meta = checkpointing.read_metadata(args.load)
         schedule = check_schedule(meta, args.loop_repeats, args.repeat_block)
-
-        import torch
-
-        from ..model.generate import greedy_generate
-        from ..model.loading import load_model
-        from ..training.initialize import init_distributed, is_rank0, teardown
-
         init_distributed(args.tensor_model_parallel_size, 1)
-        model, meta, tok = load_model(args.load, args.loop_repeats, args.repeat_block, args.transformer_impl)
+        model, meta, tok = load_model(args.load, args.loop_repeats, args.repeat_block,
+                                      Implementation(transformer_impl=args.transformer_impl))
         if tok is None:
             raise UsageError(f"checkpoint {args.load!r} records no tokenizer")
         prompts = args.prompt or ["The"]
@@ -89,9 +74,9 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
                               vocab_size=tok.vocab_size)
         texts = [tok.detokenize(row[width:].tolist()) for row in out]
         if is_rank0():
-            loop = meta["arch"].get("loop")
-            print(f"schedule: {schedule} (effective depth {len(schedule)}, "
-                  f"{meta['arch']['num_layers']} unique layers{', trained as Loop(' + loop + ')' if loop else ''})")
+            arch = checkpoint_arch(meta)
+            trained = f", trained as Loop({arch.loop})" if arch.loop else ""
+            print(f"schedule: {schedule} (effective depth {len(schedule)}, {arch.num_layers} unique layers{trained})")
             for p, t in zip(prompts, texts):
                 print(f"{p!r} -> {t!r}", flush=True)
         teardown()

@@ -10,7 +10,7 @@ training continues at full depth after ``T`` (e.g. the WSD cooldown).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import Any, Dict, List
 
 from ..errors import UsageError
 from .operators import growth_maps
@@ -36,9 +36,10 @@ def prop_budgets(num_stages: int, total_iters: int, alpha: float = 1.0) -> List[
     return floors
 
 
-@dataclass
+@dataclass(frozen=True)
 class GrowthPlan:
-    """When and how a run grows."""
+    """When and how a run grows: the method, the depths, the PROP-alpha stage budgets and the
+    source map of every growth step."""
 
     method: str
     block_size: int
@@ -60,6 +61,19 @@ class GrowthPlan:
             acc += b
             its.append(acc)
         return cls(method, block_size, start_depth, final_depth, grow_iters, alpha, budgets, its, maps)
+
+    # The fields the checkpoint's ``growloop.json["growth"]`` record holds.
+    RECORDED = ("method", "block_size", "start_depth", "final_depth", "grow_iters", "alpha", "budgets",
+                "growth_iterations")
+
+    def to_meta(self) -> Dict[str, Any]:
+        """The ``growloop.json["growth"]`` record (the maps follow from it)."""
+        return {name: getattr(self, name) for name in self.RECORDED}
+
+    @classmethod
+    def from_meta(cls, record: Dict[str, Any]) -> "GrowthPlan":
+        return cls.build(record["method"], record["block_size"], record["start_depth"], record["final_depth"],
+                         record["grow_iters"], record.get("alpha", 1.0))
 
     @property
     def num_stages(self) -> int:
