@@ -33,9 +33,9 @@ def ckpt(tmp_path_factory):
     return root
 
 
-def test_all_writes_numbers_and_figures(ckpt):
-    """``all --with-sweeps`` runs the five analyses and both sweeps on a looped checkpoint and writes
-    JSON + NPZ + a non-empty PNG for each, the tuned lens and a summary; noise floors are 0 in fp32."""
+@pytest.fixture(scope="module")
+def all_out(ckpt):
+    """``all --with-sweeps`` on the looped checkpoint (shared by the tests that read its results)."""
     out = ckpt / "all"
     lens_text = ckpt / "lens.jsonl"
     lens_text.write_text("".join(json.dumps({"text": "x=%d\ny=x\ny=%d and some more text" % (i, i)}) + "\n"
@@ -46,6 +46,14 @@ def test_all_writes_numbers_and_figures(ckpt):
                      "--swap-task", f"lambada:{ckpt / 'lambada.jsonl'}", "--swap-items", "3", "--swap-widths", "1",
                      "--with-sweeps", "--tasks", "va_basic_d0", "--limit", "2", "--block-size", "2",
                      "--repeats", "1,2", "--sweep-fewshot", "1", "--shots", "0,1"])
+    return out
+
+
+def test_all_writes_numbers_and_figures(ckpt, all_out):
+    """``all --with-sweeps`` runs the five analyses and both sweeps on a looped checkpoint and writes
+    JSON + NPZ + a non-empty PNG for each, the tuned lens and a summary; noise floors are 0 in fp32."""
+    out = all_out
+    lens_text = ckpt / "lens.jsonl"
     for kind in ("depth_score", "lens", "norms", "local_effects", "swap"):
         assert (out / f"{kind}.json").exists() and (out / f"{kind}.npz").exists(), kind
         assert _png_ok(out / f"{kind}.png"), kind
@@ -67,7 +75,7 @@ def test_all_writes_numbers_and_figures(ckpt):
     assert swap["config"]["task"] == "lambada" and len(swap["arrays"]["acc_w1"]) == 5
 
 
-def test_single_analyses_reuse_a_lens_and_compare(ckpt):
+def test_single_analyses_reuse_a_lens_and_compare(ckpt, all_out):
     """A subset of analyses on another prompt source and loop count; a saved lens is reused;
     ``compare`` overlays the two result directories (models of different effective depth)."""
     out2 = ckpt / "k3"
@@ -77,9 +85,7 @@ def test_single_analyses_reuse_a_lens_and_compare(ckpt):
     assert not (out2 / "depth_score.json").exists() and (out2 / "norms.json").exists()
     d = json.loads((out2 / "local_effects.json").read_text())
     assert len(d["arrays"]["effect_max"]) == 8 and d["config"]["mode"] == "current"
-    out1 = ckpt / "all"
-    if not (out1 / "tuned_lens").exists():
-        pytest.skip("needs test_all_writes_numbers_and_figures to have run first")
+    out1 = all_out
     out3 = ckpt / "lens_again"
     run_module(MOD, ["lens", "--load", ckpt / "loop", "--out", out3, "--lens-load", out1 / "tuned_lens",
                      "--num-prompts", "2", "--seq-len", "40", "--task-items", "2", "--num-fewshot", "1",

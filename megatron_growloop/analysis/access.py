@@ -34,13 +34,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
+from megatron.core import parallel_state
 
 from ..errors import UsageError
+from ..eval.loader import describe_model, model_label
 
 
 def check_supported(model) -> None:
     """Analyses need every layer in this process (PP=1) and a replicated residual stream."""
-    from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized() and parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise UsageError(
@@ -98,12 +99,10 @@ class AnalysisModel:
             vocab_size = int(tokenizer.vocab_size)
         self.vocab_size = int(vocab_size)
         if info is None:
-            from ..eval.loader import describe_model
 
             info = describe_model(model)
         self.info = dict(info)
         if label is None:
-            from ..eval.loader import model_label
 
             label = model_label(self.info)
         self.label = label

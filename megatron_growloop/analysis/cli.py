@@ -19,8 +19,23 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import torch
+
 from ..errors import ArgumentParser, UsageError, cli_errors
+from ..eval import plots, primitives, sweeps
+from ..eval.engine import LogProbEngine
+from ..eval.loader import describe_model, load_for_eval
+from ..eval.parallel import is_driver
 from ..looping.cli import add_inference_loop_args, validate_inference_loop_args
+from ..training.initialize import teardown
+from .access import AnalysisModel
+from .depth import depth_score
+from .lens import TunedLens, lens_analysis
+from .local import local_effects
+from .norms import residual_norms
+from .overlay import compare
+from .prompts import load_prompts
+from .swap import layer_swap, make_task
 
 PROG = "megatron_growloop.analysis"
 ANALYSES = ("depth-score", "lens", "norms", "local-effects", "swap")
@@ -186,8 +201,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------- helpers
 def _is_driver() -> bool:
-    from ..eval.parallel import is_driver
-
     return is_driver()
 
 
@@ -197,8 +210,6 @@ def _log(msg: str) -> None:
 
 
 def _validate(args) -> None:
-    from ..eval import primitives
-
     for name in ("num_prompts", "seq_len", "batch_size", "num_splits", "lens_prompts", "lens_batch_size",
                  "task_items", "swap_items", "limit", "block_size"):
         v = getattr(args, name, None)
@@ -246,9 +257,6 @@ def _validate(args) -> None:
 
 
 def _load(args):
-    from ..eval.loader import describe_model, load_for_eval
-    from .access import AnalysisModel
-
     model, meta, tok = load_for_eval(load=args.load, hf=args.hf, loop_repeats=args.loop_repeats,
                                      repeat_blocks=args.repeat_block, tp=args.tensor_model_parallel_size, pp=1,
                                      bf16=args.bf16)
@@ -265,8 +273,6 @@ def _save(result, out: str) -> None:
 
 
 def _prompts(args, am):
-    from .prompts import load_prompts
-
     ps = load_prompts(args.data, am.tokenizer, args.num_prompts, args.seq_len, offset=0)
     _log(f"prompts: {ps.describe()}")
     return ps
@@ -279,8 +285,6 @@ def _probe(prompts):
 
 # ---------------------------------------------------------------------------------- analyses
 def run_depth_score(args, am, prompts):
-    from .depth import depth_score
-
     t0 = time.time()
     r = depth_score(am, prompts, mode=args.mode, num_splits=args.num_splits, seed=args.seed,
                     batch_size=args.batch_size, log=_log)
@@ -292,8 +296,6 @@ def run_depth_score(args, am, prompts):
 
 
 def run_norms(args, am, prompts):
-    from .norms import residual_norms
-
     t0 = time.time()
     r = residual_norms(am, prompts, batch_size=args.batch_size)
     r.config["seconds"] = time.time() - t0
@@ -303,8 +305,6 @@ def run_norms(args, am, prompts):
 
 
 def run_local_effects(args, am, prompts):
-    from .local import local_effects
-
     t0 = time.time()
     r = local_effects(am, prompts, mode=args.mode, num_splits=args.num_splits, seed=args.seed,
                       batch_size=args.batch_size, log=_log)
@@ -315,9 +315,6 @@ def run_local_effects(args, am, prompts):
 
 
 def run_lens(args, am, prompts):
-    from .lens import TunedLens, lens_analysis
-    from .prompts import load_prompts
-
     t0 = time.time()
     lens, fit_prompts = None, None
     if args.lens_load:
@@ -345,8 +342,6 @@ def run_lens(args, am, prompts):
 
 
 def run_swap(args, am, prompts=None):
-    from .swap import layer_swap, make_task
-
     t0 = time.time()
     spec = args.swap_task or args.task
     task = make_task(spec, args.swap_items, seed=0, num_fewshot=args.num_fewshot, template=args.template)
@@ -361,16 +356,11 @@ def run_swap(args, am, prompts=None):
 
 
 def torch_probe(am):
-    import torch
-
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, am.vocab_size, (2, 32), generator=g)
 
 
 def run_repeat_sweep(args, am) -> Dict[str, Any]:
-    from ..eval import plots, sweeps
-    from ..eval.engine import LogProbEngine
-
     engine = LogProbEngine(am.model, am.tokenizer, vocab_size=am.vocab_size)
     starts = None if args.starts == "all" else _ints(args.starts, "--starts")
     res = sweeps.repeat_block_sweep(am.model, engine, args.tasks, block_size=args.block_size, starts=starts,
@@ -384,9 +374,6 @@ def run_repeat_sweep(args, am) -> Dict[str, Any]:
 
 
 def run_icl_sweep(args, am, meta) -> Dict[str, Any]:
-    from ..eval import plots, sweeps
-    from ..eval.engine import LogProbEngine
-
     engine = LogProbEngine(am.model, am.tokenizer, vocab_size=am.vocab_size)
     ctx = args.context_length or int(meta["arch"]["seq_length"])
     if ctx > engine.max_length:
@@ -421,7 +408,6 @@ def main(argv: Optional[List[str]] = None):
     with cli_errors(PROG):
         args = build_parser().parse_args(argv)
         if args.command == "compare":
-            from .overlay import compare
 
             labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
             paths = compare(args.dirs, args.out, labels=labels, normalize_depth=args.normalize_depth)
@@ -460,8 +446,6 @@ def main(argv: Optional[List[str]] = None):
                 if args.command == "all" and _is_driver():
                     _summary(args.out, out)
         finally:
-            from ..training.initialize import teardown
-
             teardown()
         return out
 

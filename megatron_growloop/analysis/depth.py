@@ -24,6 +24,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from . import measures
 from .access import AnalysisModel
 from .prompts import PromptSet
@@ -94,7 +95,6 @@ def depth_score(am: AnalysisModel, prompts: PromptSet, mode: str = "future", num
                 seed: int = 123, batch_size: int = 2, skip_front: int = 1, log=None) -> DepthScoreResult:
     """Skip every application in turn; output effect, layer effects and the depth score."""
     if mode not in measures.MODES:
-        from ..errors import UsageError
 
         raise UsageError(f"--mode {mode!r}: choose future or current")
     K = am.depth

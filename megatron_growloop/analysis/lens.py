@@ -26,13 +26,15 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError
+from ..eval import metrics, primitives
+from ..eval.engine import LogProbEngine
 from . import measures
 from .access import AnalysisModel, seq_mask
 from .prompts import PromptSet
@@ -329,7 +331,6 @@ def early_exit_choice_loglikelihoods(am: AnalysisModel, lens: Optional[TunedLens
 
 def early_exit_accuracy(ll: np.ndarray, items) -> Dict[str, np.ndarray]:
     """Per-position ``acc`` and ``acc_norm`` (lm-eval's definitions, via the eval package's metrics)."""
-    from ..eval import metrics
 
     K = ll.shape[0]
     acc = np.zeros(K)
@@ -373,8 +374,6 @@ def lens_analysis(am: AnalysisModel, prompts: PromptSet, lens: Optional[TunedLen
                               "kl": "KL(P_final || Q_lens) averaged over all real tokens (kl_reverse: KL(Q || P))",
                               "task": None}
     if task and am.tokenizer is not None:
-        from ..eval import primitives
-        from ..eval.engine import LogProbEngine
 
         items = primitives.generate_task(task, task_items, seed=task_seed, num_fewshot=num_fewshot, template=template)
         engine = LogProbEngine(am.model, am.tokenizer, vocab_size=am.vocab_size)

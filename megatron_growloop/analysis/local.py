@@ -25,6 +25,7 @@ from typing import List
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from . import measures
 from .access import AnalysisModel
 from .depth import _per_prompt_max, _rows
@@ -61,7 +62,6 @@ def local_effects(am: AnalysisModel, prompts: PromptSet, mode: str = "future", n
                   batch_size: int = 2, skip_front: int = 1, max_rows: int = 64, log=None) -> LocalEffectsResult:
     """The source x target matrix of local (non-propagated) effects."""
     if mode not in measures.MODES:
-        from ..errors import UsageError
 
         raise UsageError(f"--mode {mode!r}: choose future or current")
     K = am.depth

@@ -17,7 +17,7 @@ Denominators are clamped at 1e-6; norms are taken in float32.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict
 
 import numpy as np
 import torch

@@ -22,13 +22,19 @@ overlaps the prompts the lens is evaluated on.
 
 from __future__ import annotations
 
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Iterator, List, Sequence, Tuple
 
 import torch
 
+from ..data.preprocess import dataset_exists, iter_documents
 from ..errors import UsageError
+from ..eval import primitives
+from ..eval.nll import build_eval_dataset
 
 MIN_TOKENS = 8
 
@@ -89,8 +95,6 @@ def _keep(ids: Sequence[int], seq_len: int) -> List[int]:
 
 
 def _primitives(spec: str, tokenizer, n: int, seq_len: int, offset: int, seed: int) -> PromptSet:
-    from ..eval import primitives
-
     tasks = primitives.resolve_tasks(spec.split(":", 1)[1] if ":" in spec else "all")
     seqs: List[List[int]] = []
     per_task = -(-n // len(tasks))
@@ -109,9 +113,7 @@ def _primitives(spec: str, tokenizer, n: int, seq_len: int, offset: int, seed: i
 
 def pydoc_paragraphs(min_chars: int = 450) -> List[str]:
     """Prose paragraphs of Python's bundled help topics (offline natural-language text)."""
-    import re
 
-    from pydoc_data.topics import topics
 
     out = []
     for key in sorted(topics):
@@ -123,8 +125,6 @@ def pydoc_paragraphs(min_chars: int = 450) -> List[str]:
 
 
 def _pydoc(tokenizer, n: int, seq_len: int, offset: int) -> PromptSet:
-    import sys
-
     paras = pydoc_paragraphs()
     seqs = [_keep(tokenizer.tokenize(t), seq_len) for t in paras[offset:offset + n]]
     if not seqs:
@@ -133,8 +133,6 @@ def _pydoc(tokenizer, n: int, seq_len: int, offset: int) -> PromptSet:
 
 
 def _text_file(spec: str, tokenizer, n: int, seq_len: int, offset: int) -> PromptSet:
-    from ..data.preprocess import iter_documents
-
     if not Path(spec).is_file():
         raise UsageError(f"--data {spec!r}: no such file")
     seqs: List[List[int]] = []
@@ -155,11 +153,8 @@ def _text_file(spec: str, tokenizer, n: int, seq_len: int, offset: int) -> Promp
 
 
 def _indexed(spec: str, tokenizer, n: int, seq_len: int, offset: int, split: str) -> PromptSet:
-    from ..eval.nll import build_eval_dataset
-
     data_path = None if spec == "default" else [spec]
     if data_path is not None:
-        from ..data.preprocess import dataset_exists
 
         if not dataset_exists(spec):
             raise UsageError(

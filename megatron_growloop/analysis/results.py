@@ -14,22 +14,24 @@ Every analysis returns a subclass of :class:`Result` holding
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Dict, List, Type
 
+import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
+
+from ..errors import UsageError
 
 _REGISTRY: Dict[str, Type["Result"]] = {}
 
 
 def mpl():
-    import matplotlib
-
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
 
     return plt
 
@@ -94,7 +96,6 @@ class Result:
 
 def load_result(path) -> Result:
     """A result from its JSON file (or a directory + kind: ``load_result(dir / 'norms.json')``)."""
-    import importlib
 
     for mod in ("depth", "norms", "local", "lens", "swap"):  # register the result classes
         importlib.import_module(f"{__package__}.{mod}")
@@ -102,7 +103,6 @@ def load_result(path) -> Result:
     d = json.loads(p.read_text())
     cls = _REGISTRY.get(d.get("kind"))
     if cls is None:
-        from ..errors import UsageError
 
         raise UsageError(f"{path}: unknown result kind {d.get('kind')!r}")
     arrays = {k: np.asarray(v, dtype=float) if _numeric(v) else np.asarray(v, dtype=object)

@@ -26,7 +26,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..data.preprocess import iter_documents
 from ..errors import UsageError
+from ..eval import primitives
+from ..eval.engine import LogProbEngine
+from ..eval.scoring import evaluate_items
 from .access import AnalysisModel
 from .results import Result, draw_structure, mpl
 
@@ -61,16 +65,12 @@ def schedule_override(model, schedule: Sequence[int]):
 # ---------------------------------------------------------------------------------- tasks
 class PrimitiveTask:
     def __init__(self, name: str, n: int, seed: int = 0, num_fewshot: int = 5, template: str = "fill_blank"):
-        from ..eval import primitives
-
         self.name = name
         self.items = primitives.generate_task(name, n, seed=seed, num_fewshot=num_fewshot, template=template)
         self.chance = primitives.get_task(name).chance
         self.config = {"task": name, "n": n, "seed": seed, "num_fewshot": num_fewshot, "template": template}
 
     def evaluate(self, engine) -> Dict[str, float]:
-        from ..eval.scoring import evaluate_items
-
         res, _ = evaluate_items(engine, self.items)
         return {"acc": res.acc, "acc_norm": res.acc_norm, "acc_stderr": res.acc_stderr,
                 "acc_norm_stderr": res.acc_norm_stderr}
@@ -80,8 +80,6 @@ class LambadaTask:
     """Last-word prediction from a local JSONL file (lm-eval ``lambada`` ``acc``)."""
 
     def __init__(self, path: str, n: int):
-        from ..data.preprocess import iter_documents
-
         self.name = f"lambada:{path}"
         self.requests = []
         for doc in iter_documents([path]):
@@ -145,7 +143,6 @@ def layer_swap(am: AnalysisModel, task, widths: Sequence[int] = (1, 2), position
                probe: Optional[torch.Tensor] = None, batch_size: int = 8, log=None,
                metric: Optional[str] = None) -> SwapResult:
     """Accuracy of ``task`` with each adjacent swap of width ``w`` (see the module docstring)."""
-    from ..eval.engine import LogProbEngine
 
     if am.tokenizer is None:
         raise UsageError("layer swaps score a text task and need the model's tokenizer")

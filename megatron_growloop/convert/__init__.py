@@ -12,28 +12,9 @@ CLI: ``python -m megatron_growloop.convert {hf-to-mcore,mcore-to-hf,reshard,veri
 
 from __future__ import annotations
 
+from .exporter import mcore_to_hf
+from .fixtures import smollm2_hf_dir
+from .importer import hf_to_mcore
+from .reshard import reshard
+
 __all__ = ["hf_to_mcore", "mcore_to_hf", "reshard", "smollm2_hf_dir"]
-
-
-def hf_to_mcore(*args, **kwargs):
-    from .importer import hf_to_mcore as f
-
-    return f(*args, **kwargs)
-
-
-def mcore_to_hf(*args, **kwargs):
-    from .exporter import mcore_to_hf as f
-
-    return f(*args, **kwargs)
-
-
-def reshard(*args, **kwargs):
-    from .reshard import reshard as f
-
-    return f(*args, **kwargs)
-
-
-def smollm2_hf_dir():
-    from .fixtures import smollm2_hf_dir as f
-
-    return f()

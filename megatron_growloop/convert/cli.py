@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from typing import List, Optional
 
+import torch.distributed as dist
+
 from ..errors import ArgumentParser, UsageError, cli_errors
+from ..training.initialize import init_distributed, teardown
+from .exporter import mcore_to_hf
+from .importer import hf_to_mcore
+from .reshard import reshard
+from .verify import dump, format_report, verify
 
 PROG = "megatron_growloop.convert"
 
@@ -83,8 +91,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return _main(argv)
     finally:
-        from ..training.initialize import teardown
-
         teardown()
 
 
@@ -92,7 +98,6 @@ def _main(argv: Optional[List[str]] = None) -> int:
     with cli_errors(PROG):
         args = build_parser().parse_args(argv)
         if args.command == "hf-to-mcore":
-            from .importer import hf_to_mcore
 
             path = hf_to_mcore(
                 args.hf, args.out, args.target_tensor_parallel_size, args.target_pipeline_model_parallel_size,
@@ -101,38 +106,31 @@ def _main(argv: Optional[List[str]] = None) -> int:
             print(f"checkpoint: {path}", flush=True)
             return 0
         if args.command == "mcore-to-hf":
-            from .exporter import mcore_to_hf
 
             path = mcore_to_hf(args.load, args.out, args.dtype, args.loop_repeats, args.repeat_block,
                                args.vocab_size, args.max_shard_size)
             print(f"hf model: {path}", flush=True)
             return 0
         if args.command == "reshard":
-            from .reshard import reshard
 
             path = reshard(args.load, args.out, args.target_tensor_parallel_size,
                            args.target_pipeline_model_parallel_size, args.use_distributed_optimizer)
-            import torch.distributed as dist
 
             if dist.get_rank() == 0:
                 print(f"checkpoint: {path}", flush=True)
             return 0
         if args.command == "verify":
-            from ..training.initialize import init_distributed
-            from .verify import dump, format_report, verify
 
             try:
                 tokens = [[int(t) for t in s.split(",") if t.strip()] for s in args.token_prompt]
             except ValueError:
                 raise UsageError(f"--token-prompt must be comma-separated integers, got {args.token_prompt!r}") from None
-            import os
 
             world, mp = int(os.environ.get("WORLD_SIZE", "1")), args.tensor_model_parallel_size * args.pipeline_model_parallel_size
             if world % mp:
                 raise UsageError(f"verify at TP x PP = {mp} needs a world size divisible by {mp} (torchrun --nproc_per_node {mp}); got {world}")
             init_distributed(args.tensor_model_parallel_size, args.pipeline_model_parallel_size)
             report = verify(args.hf, args.load, args.prompt, tokens, args.new_tokens, args.tolerance)
-            import torch.distributed as dist
 
             if dist.get_rank() == dist.get_world_size() - 1:
                 print(format_report(report), flush=True)

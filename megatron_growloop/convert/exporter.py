@@ -14,6 +14,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from transformers import AutoTokenizer
+
 from ..data.tokenizer import SMOLLM2_ALIASES, smollm2_tokenizer_dir
 from ..errors import UsageError
 from ..looping.spec import RepeatBlock
@@ -61,7 +63,6 @@ def _save_tokenizer(meta: Dict[str, Any], ckpt_dir: Path, dest: Path) -> Optiona
         shutil.copy2(model, dest / "tokenizer.json")
         return str(model)
     elif Path(model).is_file() and Path(model).suffix == ".gguf":
-        from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(str(Path(model).parent), gguf_file=Path(model).name).save_pretrained(str(dest))
         return str(model)

@@ -17,7 +17,13 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ..data.tokenizer import smollm2_gguf_path
 from ..paths import cache_dir
+from .hf_config import arch_from_hf_config, hf_config_from_arch
+from .hf_io import GENERATION_CONFIG, generation_config, open_hf, write_safetensors
 
 SMOLLM2_FIXTURE = "smollm2-135m-instruct-hf"
 _COMPLETE = ".complete"
@@ -28,9 +34,6 @@ def smollm2_hf_dir() -> Path:
     out = cache_dir() / "fixtures" / SMOLLM2_FIXTURE
     if (out / _COMPLETE).exists():
         return out
-    from ..data.tokenizer import smollm2_gguf_path
-    from .hf_config import arch_from_hf_config, hf_config_from_arch
-    from .hf_io import GENERATION_CONFIG, generation_config, open_hf, write_safetensors
 
     src = open_hf(str(smollm2_gguf_path()))
     try:
@@ -65,8 +68,6 @@ def write_random_llama(out_dir, seed: int = 0, safe_serialization: bool = True, 
 
     ``config`` overrides a tiny Llama-3-style default (GQA, untied embeddings, llama3
     RoPE scaling, head_dim != hidden/heads).  For tests and examples."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     base = dict(
         vocab_size=300,

@@ -19,8 +19,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import UsageError
+from .hf_config import arch_from_hf_config
 from .mapping import HF_IGNORED_SUFFIXES, HF_LM_HEAD, LlamaShape
 
 TOKENIZER_FILES = (
@@ -108,8 +112,6 @@ def _copy_tokenizer_files(src: Path) -> Callable[[Path], bool]:
 
 
 def _open_safetensors(files: List[Path]):
-    from safetensors import safe_open
-
     index: Dict[str, Tuple[Tuple[int, ...], str]] = {}
     where: Dict[str, Any] = {}
     handles = []
@@ -186,15 +188,12 @@ def open_hf(path: str) -> HFSource:
 
 
 def _open_gguf(p: Path) -> HFSource:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     try:
         config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
     except Exception as exc:  # noqa: BLE001 - transformers raises assorted errors (unknown arch, ...)
         raise UsageError(f"cannot read GGUF {str(p)!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
-    from .hf_config import arch_from_hf_config
 
     arch_from_hf_config(cfg)  # refuse unsupported architectures before the (slow) dequantisation
     model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
@@ -251,7 +250,6 @@ def _owning(t: torch.Tensor) -> torch.Tensor:
 
 def write_safetensors(out: Path, tensors: Dict[str, torch.Tensor], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> List[str]:
     """``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index; returns the files."""
-    from safetensors.torch import save_file
 
     shards: List[Dict[str, torch.Tensor]] = [{}]
     size = 0

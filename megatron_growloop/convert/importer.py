@@ -19,7 +19,6 @@ import torch
 from .. import accounting
 from ..errors import UsageError
 from ..growth.operators import initial_lineage
-from ..looping.spec import LoopSpec
 from ..training import checkpointing
 from ..training.save_strategy import SyncSaveStrategy
 from . import mapping
@@ -79,7 +78,7 @@ def hf_to_mcore(
         if entry is not None and not ignore_loop:
             plan = restore_plan(entry, shape.num_layers)
             _check_loop_copies(src, plan)
-            arch = replace(arch, num_layers=plan["num_unique_layers"], loop=LoopSpec.parse(plan["loop"]))
+            arch = replace(arch, num_layers=plan["num_unique_layers"], loop=plan["loop"])
             layer_source = plan["first_position"]
         arch.check_parallel(tp, pp, what="target")
 

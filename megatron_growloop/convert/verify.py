@@ -18,8 +18,14 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from transformers import AutoModelForCausalLM
 
 from ..errors import UsageError
+from ..model.generate import greedy_generate
+from ..model.generate import logits as plain_logits
+from ..model.implementation import Implementation
+from ..training.inference import load_model
 
 
 def _positions(batch: int, length: int, device) -> torch.Tensor:
@@ -30,11 +36,9 @@ def _positions(batch: int, length: int, device) -> torch.Tensor:
 def pipeline_logits(model, tokens: torch.Tensor) -> Optional[torch.Tensor]:
     """Logits ``[batch, seq, vocab]`` of a full forward; on the last pipeline stage only
     (None elsewhere).  Every rank of the model-parallel group must call it."""
-    from ..model.generate import logits as plain_logits
 
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return plain_logits(model, tokens)
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     b, s = tokens.shape
     pos = _positions(b, s, tokens.device)
@@ -65,7 +69,6 @@ def pipeline_logits(model, tokens: torch.Tensor) -> Optional[torch.Tensor]:
 def pipeline_greedy(model, prompt: torch.Tensor, new_tokens: int, vocab_size: int) -> torch.Tensor:
     """Greedy continuation on every rank (KV-cached at PP=1, full forwards through the pipeline otherwise)."""
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        from ..model.generate import greedy_generate
 
         return greedy_generate(model, prompt, new_tokens, use_cache=True, vocab_size=vocab_size)
     last = dist.get_world_size() - 1
@@ -113,8 +116,6 @@ def verify(
     """Compare checkpoint ``ckpt`` (at the current TP/PP) with the HF model in ``hf_dir``.
 
     Initialise the process groups first (:func:`~megatron_growloop.training.initialize.init_distributed`)."""
-    from ..model.implementation import Implementation
-    from ..training.inference import load_model
 
     model, meta, tok = load_model(ckpt, impl=Implementation(transformer_impl=transformer_impl))
     vocab = int((meta.get("hf") or {}).get("vocab_size") or (meta.get("tokenizer") or {}).get("vocab_size") or meta["arch"]["padded_vocab_size"])
@@ -128,7 +129,6 @@ def verify(
     is_cmp = dist.get_rank() == dist.get_world_size() - 1
     hf_model = None
     if is_cmp:
-        from transformers import AutoModelForCausalLM
 
         hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     results = []

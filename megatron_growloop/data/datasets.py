@@ -9,11 +9,14 @@ would have read.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import (
+    BlendedMegatronDatasetBuilder,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from ..errors import UsageError
 from .preprocess import dataset_exists
@@ -62,10 +65,6 @@ def build_gpt_datasets(
 ):
     """(train, valid, test) ``GPTDataset``/``BlendedDataset`` objects with at least the
     requested number of samples each (None: not built)."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import (
-        BlendedMegatronDatasetBuilder,
-    )
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     try:
         [float(x) for x in split.replace("/", ",").split(",")]

@@ -16,11 +16,11 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator
 
 from ..paths import cache_dir
 from . import synthetic
-from .preprocess import dataset_exists, preprocess
+from .preprocess import dataset_exists, iter_documents, preprocess
 
 CORPUS_VERSION = 1
 DEFAULT_NUM_DOCUMENTS = 6000
@@ -93,7 +93,6 @@ def default_data_prefix(tokenizer, build: bool = True) -> str:
     with open(jsonl, "w", encoding="utf-8") as f:
         for doc in generate_documents():
             f.write(json.dumps({"text": doc}) + "\n")
-    from .preprocess import iter_documents
 
     preprocess(iter_documents([str(jsonl)]), str(tmp / "default"), tokenizer)
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Iterable, Iterator, List, Sequence
 
 import numpy as np
 import torch
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
 from ..errors import UsageError
 
@@ -56,7 +57,6 @@ def preprocess(
     append_eod: bool = True,
 ) -> str:
     """Tokenize ``documents`` into an indexed dataset; return the dataset prefix."""
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     prefix = f"{output_prefix}_{json_key}_document"
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,5 @@ def dataset_exists(prefix: str) -> bool:
 
 
 def count_tokens(prefix: str) -> int:
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
     ds = IndexedDataset(prefix)
     return int(np.sum(ds.sequence_lengths))

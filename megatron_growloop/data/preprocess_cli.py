@@ -8,7 +8,9 @@ import sys
 import time
 from typing import List, Optional
 
-from ..errors import ArgumentParser, UsageError, cli_errors
+from ..errors import ArgumentParser, cli_errors
+from .preprocess import count_tokens, iter_documents, preprocess
+from .tokenizer import build_tokenizer
 
 PROG = "preprocess_data.py"
 
@@ -34,8 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> List[str]:
     with cli_errors(PROG):
         args = build_parser().parse_args(argv)
-        from .preprocess import count_tokens, iter_documents, preprocess
-        from .tokenizer import build_tokenizer
 
         tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
         prefixes = []

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from functools import lru_cache
 from pathlib import Path
 from typing import List, Optional, Sequence
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from ..errors import UsageError
 from ..paths import cache_dir
@@ -102,7 +105,6 @@ def smollm2_tokenizer_dir() -> Path:
     if (out / "tokenizer.json").exists():
         return out
     gguf = smollm2_gguf_path()
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
@@ -111,23 +113,18 @@ def smollm2_tokenizer_dir() -> Path:
     try:
         os.replace(tmp, out)
     except OSError:  # another process won the race
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 @lru_cache(maxsize=8)
 def _load_hf(source: str):
-    from transformers import AutoTokenizer
-
     path = Path(source)
     if source.lower() in SMOLLM2_ALIASES:
         return AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
     if path.is_file() and path.suffix == ".gguf":
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if path.is_file() and path.name == "tokenizer.json":
-        from transformers import PreTrainedTokenizerFast
 
         return PreTrainedTokenizerFast(tokenizer_file=str(path))
     if path.is_dir():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +18,13 @@ from typing import Any, Dict, List, Optional
 
 from ..errors import ArgumentParser, UsageError, cli_errors
 from ..looping.cli import add_inference_loop_args, validate_inference_loop_args
+from ..training.initialize import teardown
+from . import lm_tasks, plots, primitives, scoring, sweeps
+from .engine import LogProbEngine
+from .lm_eval_run import run_lm_eval
+from .loader import describe_model, load_for_eval
+from .nll import build_eval_dataset, heldout_nll
+from .parallel import is_driver
 
 PROG = "megatron_growloop.eval"
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*not installed.*")
@@ -123,15 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------- helpers
 def _log(msg: str) -> None:
-    from .parallel import is_driver
-
     if is_driver():
         print(msg, flush=True)
 
 
 def _write_json(path: Optional[str], obj: Dict[str, Any], quiet: bool = False) -> None:
-    from .parallel import is_driver
-
     if not path or not is_driver():
         return
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -144,8 +146,6 @@ def _write_json(path: Optional[str], obj: Dict[str, Any], quiet: bool = False) -
 
 
 def _load(args):
-    from .loader import describe_model, load_for_eval
-
     model, meta, tok = load_for_eval(
         load=args.load, hf=args.hf, loop_repeats=args.loop_repeats, repeat_blocks=args.repeat_block,
         tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
@@ -155,15 +155,11 @@ def _load(args):
 
 
 def _engine(args, model, tok):
-    from .engine import LogProbEngine
-
     return LogProbEngine(model, tok, max_length=args.max_length, batch_size=args.batch_size,
                          use_cache=not args.no_shared_context)
 
 
 def _validate_task_args(args) -> None:
-    from . import primitives
-
     primitives.resolve_tasks(args.tasks)
     primitives.get_template(args.template)
     if args.limit is not None and args.limit < 1:
@@ -181,7 +177,6 @@ def _token_length(engine):
 
 def _check_fits(engine, tasks, limit, seed, num_fewshot, template) -> None:
     """Fail early (one line) when a prompt is longer than the model's context."""
-    from . import primitives
 
     length = _token_length(engine)
     for name in primitives.resolve_tasks(tasks):
@@ -197,8 +192,6 @@ def _check_fits(engine, tasks, limit, seed, num_fewshot, template) -> None:
 
 # ---------------------------------------------------------------------------------- commands
 def cmd_primitives(args) -> Dict[str, Any]:
-    from . import scoring
-
     _validate_task_args(args)
     model, meta, tok, info = _load(args)
     engine = _engine(args, model, tok)
@@ -219,8 +212,6 @@ def cmd_primitives(args) -> Dict[str, Any]:
 
 
 def cmd_nll(args) -> Dict[str, Any]:
-    from .nll import build_eval_dataset, heldout_nll
-
     model, meta, tok, info = _load(args)
     engine = _engine(args, model, tok)
     seq = args.seq_length or int(meta["arch"]["seq_length"])
@@ -240,8 +231,6 @@ def cmd_nll(args) -> Dict[str, Any]:
 
 
 def cmd_sweep_repeat(args) -> Dict[str, Any]:
-    from . import plots, sweeps
-
     _validate_task_args(args)
     model, meta, tok, info = _load(args)
     engine = _engine(args, model, tok)
@@ -257,7 +246,6 @@ def cmd_sweep_repeat(args) -> Dict[str, Any]:
 
 def _finish_sweep(args, res: Dict[str, Any], info, plot) -> Dict[str, Any]:
     """Record the model and write the sweep's JSON and (driver rank) its PNG."""
-    from .parallel import is_driver
 
     res["model"] = info
     res["plot_metric"] = args.metric
@@ -270,8 +258,6 @@ def _finish_sweep(args, res: Dict[str, Any], info, plot) -> Dict[str, Any]:
 
 
 def cmd_sweep_icl(args) -> Dict[str, Any]:
-    from . import plots, sweeps
-
     _validate_task_args(args)
     model, meta, tok, info = _load(args)
     engine = _engine(args, model, tok)
@@ -285,14 +271,10 @@ def cmd_sweep_icl(args) -> Dict[str, Any]:
 
 
 def cmd_lm_eval(args) -> Dict[str, Any]:
-    from .lm_eval_run import run_lm_eval
-
     return run_lm_eval(args, _load, _write_json, _log)
 
 
 def cmd_export(args) -> Dict[str, Any]:
-    from . import lm_tasks
-
     _validate_task_args(args)
     names = lm_tasks.write_tasks(args.dir, args.tasks, n=args.num_items, seed=args.seed,
                                  num_fewshot=args.num_fewshot, template=args.template)
@@ -316,7 +298,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         else:
             out = cmd_export(args)
         if args.command != "export-tasks":
-            from ..training.initialize import teardown
 
             teardown()
         return out

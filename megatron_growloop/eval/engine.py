@@ -29,10 +29,11 @@ Two exact computations are used:
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from megatron.core.inference.contexts import StaticInferenceContext
 
 from .. import platform
 from ..errors import UsageError
@@ -218,8 +219,6 @@ class LogProbEngine:
     # ------------------------------------------------------------------ shared context
     @torch.no_grad()
     def _score_shared(self, ctx: List[int], conts: List[List[int]]) -> List[Tuple[float, bool]]:
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         dev = platform.device()
         V = self.vocab_size
         n, L = len(conts), len(ctx)

@@ -26,11 +26,15 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from .. import platform
 from ..errors import UsageError
+from ..model.generate import greedy_generate
 from .engine import LogProbEngine
+from .loader import load_for_eval
 
 
 def _repeat_blocks(value) -> List[str]:
@@ -74,7 +78,6 @@ class GrowLoopLM(TemplateLM):
         blocks = _repeat_blocks(repeat_block)
         self.meta: Dict[str, Any] = {}
         if model is None:
-            from .loader import load_for_eval
 
             model, self.meta, tokenizer = load_for_eval(
                 load=load, hf=hf, loop_repeats=None if loop_repeats in (None, "") else int(loop_repeats),
@@ -139,10 +142,7 @@ class GrowLoopLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
-        import torch
 
-        from .. import platform
-        from ..model.generate import greedy_generate
 
         out = []
         for req in requests:

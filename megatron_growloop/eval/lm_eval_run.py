@@ -11,12 +11,14 @@ import os
 import time
 from typing import Any, Callable, Dict, List
 
+import torch.distributed as dist
+
 from ..errors import UsageError
+from . import lm_tasks, primitives
+from .harness import GrowLoopLM
 
 
 def _split_tasks(spec: str):
-    from . import lm_tasks, primitives
-
     names = [t.strip() for t in str(spec).split(",") if t.strip()]
     if not names:
         raise UsageError("--tasks is empty")
@@ -40,10 +42,7 @@ def _split_tasks(spec: str):
 
 
 def run_lm_eval(args, load: Callable, write_json: Callable, log: Callable) -> Dict[str, Any]:
-    import torch.distributed as dist
 
-    from . import lm_tasks, primitives
-    from .harness import GrowLoopLM
 
     if not _wants_downloads(args.tasks):
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -90,7 +89,5 @@ def run_lm_eval(args, load: Callable, write_json: Callable, log: Callable) -> Di
 
 
 def _wants_downloads(spec: str) -> bool:
-    from . import lm_tasks
-
     return any(not (t.strip().startswith(lm_tasks.PREFIX) or t.strip() == lm_tasks.TAG)
                for t in str(spec).split(",") if t.strip())

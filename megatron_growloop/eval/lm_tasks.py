@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..paths import cache_dir
 from . import primitives
 
 PREFIX = "rp_"
@@ -105,7 +106,6 @@ def cached_task_dir(tasks="all", n: int = 1000, seed: int = 0,
                     num_fewshot: int = primitives.DEFAULT_NUM_FEWSHOT,
                     template=primitives.DEFAULT_TEMPLATE) -> str:
     """A task directory in the cache for these parameters (written once)."""
-    from ..paths import cache_dir
 
     names = primitives.resolve_tasks(tasks)
     tmpl = primitives.get_template(template).name

@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence
 
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from ..convert import hf_to_mcore
 from ..errors import UsageError
 from ..looping.spec import RepeatBlock, block_boundaries
 from ..model.implementation import Implementation
+from ..paths import cache_dir
 from ..training.inference import load_model
+from ..training.initialize import init_distributed
 
 
 def init_parallel(tp: int = 1, pp: int = 1) -> None:
     """Start the process group (plain process or torchrun) with TP x PP model parallelism."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
 
-    from ..training.initialize import init_distributed
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if tp < 1 or pp < 1:
@@ -44,33 +49,21 @@ def hf_checkpoint(hf_dir: str) -> str:
     src = Path(hf_dir)
     if not src.is_dir() or not (src / "config.json").exists():
         raise UsageError(f"--hf {hf_dir!r} is not a Hugging Face model directory (no config.json)")
-    try:
-        import megatron_growloop.convert  # noqa: F401
-    except ImportError:
-        raise UsageError("--hf needs megatron_growloop.convert (the Hugging Face converter), which is missing") from None
-    from ..paths import cache_dir
-
     stamp = "|".join(f"{p.name}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in sorted(src.iterdir()) if p.is_file())
     key = hashlib.md5(f"{src.resolve()}|{stamp}".encode()).hexdigest()[:16]
     out = cache_dir() / "eval_hf" / key
     if (out / "latest_checkpointed_iteration.txt").exists():
         return str(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    import torch.distributed as dist
 
     try:
         if dist.is_initialized() and dist.get_world_size() > 1:
-            import subprocess
-            import sys
-
             code = "import sys; from megatron_growloop.convert import hf_to_mcore; hf_to_mcore(sys.argv[1], sys.argv[2])"
             proc = subprocess.run([sys.executable, "-c", code, str(src), str(out)], capture_output=True, text=True)
             if proc.returncode != 0 and not (out / "latest_checkpointed_iteration.txt").exists():
                 last = (proc.stderr.strip().splitlines() or ["unknown error"])[-1]
                 raise UsageError(f"converting --hf {hf_dir!r} failed: {last}")
         else:
-            from ..convert import hf_to_mcore
-
             hf_to_mcore(str(src), str(out))
     except UsageError:
         if not (out / "latest_checkpointed_iteration.txt").exists():  # not just lost a race
@@ -109,8 +102,6 @@ def load_for_eval(
 
 
 def _hf_checkpoint_on_all_ranks(hf: str) -> str:
-    import torch.distributed as dist
-
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [None]
         if dist.get_rank() == 0:

@@ -13,8 +13,12 @@ import math
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
+from ..data.datasets import build_gpt_datasets, parse_blend
+from ..data.default_corpus import default_data_prefix
 from ..errors import UsageError
+from . import parallel
 from .engine import LogProbEngine
 
 SPLITS = {"train": 0, "valid": 1, "test": 2}
@@ -31,9 +35,7 @@ def build_eval_dataset(
     cache_path: Optional[str] = None,
 ):
     """The ``split_name`` dataset of ``data_path`` (default: the embedded corpus)."""
-    import torch.distributed as dist
 
-    from ..data.datasets import build_gpt_datasets, parse_blend
 
     if split_name not in SPLITS:
         raise UsageError(f"--split-name {split_name!r}: choose one of {', '.join(SPLITS)}")
@@ -42,7 +44,6 @@ def build_eval_dataset(
     if data_path:
         blend = parse_blend(data_path)
     else:
-        from ..data.default_corpus import default_data_prefix
 
         if not dist.is_initialized() or dist.get_rank() == 0:
             default_data_prefix(tokenizer)
@@ -65,7 +66,6 @@ def heldout_nll(
     micro_batch_size: int = 4,
 ) -> Dict[str, Any]:
     """Mean per-token NLL over the first ``num_samples`` samples of ``dataset``."""
-    from . import parallel
 
     n = min(int(num_samples), len(dataset))
     starts = list(range(0, n, micro_batch_size))

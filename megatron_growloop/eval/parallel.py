@@ -18,6 +18,7 @@ from typing import Any, Callable, List, Optional, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 T = TypeVar("T")
 
@@ -100,7 +101,6 @@ def pipeline_forward(
         with torch.no_grad():
             return post(call(model))
 
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     def step(data_iterator, m):
         next(data_iterator)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict
+
+import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
 from .loader import model_label
 
 
 def _mpl():
-    import matplotlib
-
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
 
     return plt
 
@@ -28,7 +29,6 @@ def _structure_lines(ax, model: Dict[str, Any], axis: str = "x", offset: float =
 
 def _cell_edges(centres):
     """Edges of cells centred on sorted ``centres`` (half-way between neighbours)."""
-    import numpy as np
 
     c = np.asarray(centres, dtype=float)
     if len(c) == 1:
@@ -44,7 +44,6 @@ def plot_repeat_block(result: Dict[str, Any], path: str, metric: str = "acc_norm
     dashed red where growth-lineage changes, dotted grey every ``block_size`` positions.
     """
     plt = _mpl()
-    import numpy as np
 
     names = list(result["tasks"]) + ["mean"]
     cols = min(4, len(names))

@@ -29,8 +29,8 @@ demo stream (so 5-shot demos are a prefix of 10-shot demos).
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..data import synthetic
 from ..errors import UsageError

@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple
 
 from . import metrics, primitives
+from .engine import model_scorer
 from .metrics import TaskResult
 from .templates import get_template
 
@@ -30,7 +31,6 @@ def as_scorer(model_or_scorer, tokenizer=None, **engine_kwargs) -> Scorer:
     """A scorer as is, or ``(model, tokenizer)`` wrapped in a :class:`LogProbEngine`."""
     if hasattr(model_or_scorer, "loglikelihood") and tokenizer is None:
         return model_or_scorer
-    from .engine import model_scorer
 
     return model_scorer(model_or_scorer, tokenizer, **engine_kwargs)
 

@@ -19,9 +19,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from .. import platform
 from ..errors import UsageError
 from ..looping.spec import RepeatBlock
-from . import metrics, primitives
+from . import primitives
 from .scoring import Scorer, evaluate_items
 
 DEFAULT_SHOTS = (0, 1, 2, 3, 5, 8, 10, 15, 20, 30, 40, 50, 75, 100, 150, 200, 300, 400, 500)
@@ -31,7 +32,6 @@ def _agree_everywhere(ok: bool) -> bool:
     """True only if ``ok`` on every rank (a schedule change must succeed on all stages)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return ok
-    from .. import platform
 
     flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=platform.device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)

@@ -17,14 +17,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..errors import UsageError
-from .spec import (
-    LoopSpec,
-    RepeatBlock,
-    build_schedule,
-    check_stage_sizes,
-    parse_repeats_schedule,
-    stage_sizes_from_layout,
-)
+from .spec import LoopSpec, RepeatBlock, parse_repeats_schedule
 
 
 def add_loop_args(parser) -> None:
@@ -125,7 +118,6 @@ def validate_loop_args(args, arch: Optional[dict] = None, explicit_num_layers: b
         parse_repeats_schedule(args.loop_repeats_schedule) if args.loop_repeats_schedule else []
     )
     resolved = resolve_loop(args, arch)
-    num_layers = int(arch["num_layers"]) if arch and "num_layers" in arch else args.num_layers
     if args.loop_repeats_schedule and not resolved:
         raise UsageError("--loop-repeats-schedule needs a looped model (--loop, --retrofit-loop or a looped --load)")
     args.loop = resolved
@@ -141,10 +133,3 @@ def validate_loop_args(args, arch: Optional[dict] = None, explicit_num_layers: b
             "CUDA graphs capture one call per layer and cannot replay a looped block: use "
             "--cuda-graph-impl none with --loop/--retrofit-loop/looped checkpoints"
         )
-    if looped and args.pipeline_model_parallel_size > 1 and getattr(args, "pipeline_model_parallel_layout", None):
-        sizes = stage_sizes_from_layout(args.pipeline_model_parallel_layout, args.pipeline_model_parallel_size)
-        if sum(sizes) == num_layers:
-            schedule = build_schedule(num_layers, LoopSpec.parse(resolved))
-            check_stage_sizes(
-                schedule, sizes, f"--pipeline-model-parallel-layout {args.pipeline_model_parallel_layout!r}"
-            )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import UsageError
@@ -283,8 +284,6 @@ def balanced_stage_sizes(schedule: Sequence[int], num_layers: int, pp: int) -> L
     for a in apps:
         prefix.append(prefix[-1] + a)
 
-    from functools import lru_cache
-
     @lru_cache(maxsize=None)
     def best(start: int, stages: int):
         """(max_load, spread_key, sizes) for layers start..N-1 over ``stages`` stages."""
@@ -327,22 +326,3 @@ def layout_to_str(sizes: Sequence[int]) -> str:
         s = ("E" if i == 0 else "") + ("t" * n) + ("L" if i == len(sizes) - 1 else "")
         parts.append(s)
     return "|".join(parts)
-
-
-def stage_sizes_from_layout(layout: str, pp: int) -> List[int]:
-    """Parse Megatron-LM layout syntax (``Et*3|t*4|tL``, ``(tt|)*2``) into stage sizes."""
-    from megatron.core.transformer.enums import LayerType
-    from megatron.core.transformer.pipeline_parallel_layer_layout import (
-        PipelineParallelLayerLayout,
-    )
-
-    try:
-        stages = PipelineParallelLayerLayout.parse_str_to_list(layout)
-    except Exception as exc:  # noqa: BLE001 - megatron raises assorted errors
-        raise UsageError(f"invalid --pipeline-model-parallel-layout {layout!r}: {exc}") from None
-    if len(stages) != pp:
-        raise UsageError(
-            f"--pipeline-model-parallel-layout {layout!r} has {len(stages)} stages but "
-            f"--pipeline-model-parallel-size is {pp} (virtual pipeline stages are not supported)"
-        )
-    return [sum(1 for t in st if t == LayerType.decoder) for st in stages]

@@ -69,7 +69,7 @@ class Arch:
     loop: Optional[LoopSpec] = None
 
     def __post_init__(self):
-        if self.loop is not None and not isinstance(self.loop, LoopSpec):
+        if self.loop is not None and not isinstance(self.loop, LoopSpec):  # the checkpoint/flag string
             object.__setattr__(self, "loop", LoopSpec.parse(self.loop))
         if self.loop is not None and self.loop.unique_layers != self.num_layers:
             raise UsageError(
@@ -99,7 +99,7 @@ class Arch:
             init_method_std=float(args.init_method_std),
             untie_embeddings_and_output_weights=bool(args.untie_embeddings_and_output_weights),
             make_vocab_size_divisible_by=int(args.make_vocab_size_divisible_by),
-            loop=LoopSpec.parse(args.loop) if getattr(args, "loop", None) else None,
+            loop=getattr(args, "loop", None) or None,
         )
         kw.update(overrides)
         return cls(**kw)
@@ -115,8 +115,6 @@ class Arch:
             raise UsageError(f"checkpoint architecture record lacks {', '.join(missing)}")
         kw.setdefault("num_query_groups", kw["num_attention_heads"])
         kw.setdefault("kv_channels", kw["hidden_size"] // kw["num_attention_heads"])
-        if "loop" in kw:
-            kw["loop"] = LoopSpec.parse(kw["loop"])
         return cls(**kw)
 
     def to_meta(self) -> Dict[str, Any]:

@@ -8,7 +8,7 @@ model decodes exactly as it computes without a cache.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import torch
 from megatron.core import parallel_state

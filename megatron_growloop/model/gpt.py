@@ -14,7 +14,10 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt import gpt_model as _gpt_model_module
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
 
 from .. import platform
 from ..errors import UsageError
@@ -47,9 +50,6 @@ def layer_spec(impl: Implementation):
                 "--transformer-impl transformer_engine needs Transformer Engine "
                 f"(pip install .[gpu]); it failed to import: {exc}"
             ) from None
-        from megatron.core.models.gpt.gpt_layer_specs import (
-            get_gpt_layer_with_transformer_engine_spec,
-        )
 
         return get_gpt_layer_with_transformer_engine_spec()
     if impl.transformer_impl != "local":

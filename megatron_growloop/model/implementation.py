@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
+from megatron.core.transformer.enums import AttnBackend
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,7 +57,6 @@ class Implementation:
 
     def config_kwargs(self) -> Dict[str, Any]:
         """megatron-core ``TransformerConfig`` fields for this implementation."""
-        from megatron.core.transformer.enums import AttnBackend
 
         dtype = self.params_dtype
         kw: Dict[str, Any] = dict(

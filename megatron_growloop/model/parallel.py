@@ -11,14 +11,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import LayerType
+from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
 from ..errors import UsageError
-from ..looping.spec import (
-    RepeatBlock,
-    balanced_stage_sizes,
-    check_stage_sizes,
-    stage_sizes_from_layout,
-)
+from ..looping.spec import RepeatBlock, balanced_stage_sizes, check_stage_sizes
 from .arch import Arch
+
+
+def stage_sizes_from_layout(layout: str, pp: int) -> List[int]:
+    """Parse Megatron-LM layout syntax (``Et*3|t*4|tL``, ``(tt|)*2``) into unique layers per stage."""
+    try:
+        stages = PipelineParallelLayerLayout.parse_str_to_list(layout)
+    except Exception as exc:  # noqa: BLE001 - megatron raises assorted errors
+        raise UsageError(f"invalid --pipeline-model-parallel-layout {layout!r}: {exc}") from None
+    if len(stages) != pp:
+        raise UsageError(
+            f"--pipeline-model-parallel-layout {layout!r} has {len(stages)} stages but "
+            f"--pipeline-model-parallel-size is {pp} (virtual pipeline stages are not supported)"
+        )
+    return [sum(1 for t in st if t == LayerType.decoder) for st in stages]
 
 
 @dataclass(frozen=True)
@@ -41,8 +54,6 @@ class ParallelLayout:
     @classmethod
     def current(cls) -> "ParallelLayout":
         """The layout of the initialised megatron-core parallel state (inference tools)."""
-        from megatron.core import parallel_state
-
         return cls(
             tp=parallel_state.get_tensor_model_parallel_world_size(),
             pp=parallel_state.get_pipeline_model_parallel_world_size(),

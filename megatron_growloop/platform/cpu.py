@@ -36,9 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from typing import Any
 
 import torch
+import torch.autograd as autograd
+import torch.autograd.graph as graph
+from megatron.core.tensor_parallel import random as mrandom
 from torch.overrides import TorchFunctionMode
 
 __all__ = ["activate", "is_active", "map_device", "CudaToCpuMode"]
@@ -131,8 +135,6 @@ class _InertEvent:
         self._t = None
 
     def record(self, stream=None):
-        import time
-
         self._t = time.perf_counter()
 
     def synchronize(self):
@@ -205,8 +207,6 @@ def _patch_torch_cuda() -> None:
 
 def _patch_autograd_engine() -> None:
     """Run every backward pass with the CPU mode on the torch-function mode stack."""
-    import torch.autograd as autograd
-    import torch.autograd.graph as graph
 
     original = graph._engine_run_backward
 
@@ -224,10 +224,6 @@ def _patch_autograd_engine() -> None:
 
 def _patch_megatron() -> None:
     """Point megatron-core's private CUDA RNG helpers at the CPU generator."""
-    try:
-        from megatron.core.tensor_parallel import random as mrandom
-    except Exception:  # megatron-core not importable: nothing to patch
-        return
     _patch(mrandom, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
     _patch(mrandom, "_set_cuda_rng_state", _cpu_set_rng_state)
 

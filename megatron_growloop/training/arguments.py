@@ -20,7 +20,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..errors import ArgumentParser, UsageError
 from ..looping.cli import add_loop_args, validate_loop_args
+from ..looping.spec import LoopSpec, build_schedule, check_stage_sizes
 from ..model.arch import Arch
+from ..model.parallel import stage_sizes_from_layout
 from ..model.presets import PRESETS, ModelPreset, get_preset
 from ..platform import has_cuda, te_importable
 from .resume import apply_checkpoint_args, find_resume
@@ -274,6 +276,13 @@ def validate_args(args, world_size: int, resume: Optional[Dict[str, Any]] = None
         raise UsageError("--fp8-format needs --transformer-impl transformer_engine")
     for validate in extra_validators:
         validate(args)
+    if pp > 1 and args.pipeline_model_parallel_layout:
+        # a user-given stage boundary must not cut a recurrent block (checked before anything is built)
+        sizes = stage_sizes_from_layout(args.pipeline_model_parallel_layout, pp)
+        num_layers = int((resume or {}).get("arch", {}).get("num_layers", args.num_layers))
+        if args.loop and sum(sizes) == num_layers:
+            check_stage_sizes(build_schedule(num_layers, LoopSpec.parse(args.loop)), sizes,
+                              f"--pipeline-model-parallel-layout {args.pipeline_model_parallel_layout!r}")
     if pp > args.num_layers:
         raise UsageError(
             f"--num-layers {args.num_layers} cannot be split over --pipeline-model-parallel-size {pp} "

@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
 from ..errors import UsageError
 from .optimizer_state import ensure_optimizer_state, load_optimizer_state
@@ -151,7 +153,6 @@ def model_sharded_state_dict(model_chunks) -> Dict[str, Any]:
 def _add_te_placeholders(model_chunks, sd: Dict[str, Any]) -> Dict[str, Any]:
     """Add :data:`TE_ONLY_EXTRA_STATE` placeholders for local-spec layers (saving only), so the
     checkpoint also loads into a Transformer Engine model."""
-    from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
     model = unwrap(model_chunks[0])
     num_layers = model.config.num_layers
@@ -228,7 +229,6 @@ def save_checkpoint(
 def _is_distributed_optimizer(optimizer) -> bool:
     if optimizer is None:
         return False
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
     return any(isinstance(o, DistributedOptimizer) for o in inner)

@@ -6,6 +6,8 @@ import datetime
 import time
 from typing import Dict, Optional
 
+from torch.utils.tensorboard import SummaryWriter
+
 
 def _fmt(name: str, value) -> str:
     if value is None:
@@ -40,7 +42,6 @@ class MetricsLogger:
         self._t0 = time.time()
         self._it0 = start_iteration
         if enabled and tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir, max_queue=20)
 

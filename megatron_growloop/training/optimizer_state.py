@@ -18,6 +18,7 @@ Both helpers are no-ops when megatron-core uses a fused optimizer.
 from __future__ import annotations
 
 import torch
+from megatron.core.optimizer import distrib_optimizer as _do
 
 
 def ensure_optimizer_state(optimizer) -> None:
@@ -29,7 +30,6 @@ def ensure_optimizer_state(optimizer) -> None:
     none.  Allocating the state (step 0, zero moments) leaves parameters untouched; loading
     then overwrites it in place.
     """
-    from megatron.core.optimizer import distrib_optimizer as _do
 
     if _do.HAVE_APEX_OR_TE or optimizer is None:
         return
@@ -55,7 +55,6 @@ def load_optimizer_state(optimizer, state_dict) -> None:
     param groups) is set aside while the parameter state is copied in, and each parameter
     gets its own ``step`` tensor.
     """
-    from megatron.core.optimizer import distrib_optimizer as _do
 
     opts = getattr(optimizer, "chained_optimizers", None)
     if _do.HAVE_APEX_OR_TE or opts is None:

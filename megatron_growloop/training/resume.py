@@ -12,7 +12,6 @@ from dataclasses import fields
 from typing import Any, Dict, Optional
 
 from ..errors import UsageError
-from ..looping.spec import LoopSpec
 from ..model.arch import Arch
 from .checkpointing import TRACKER, read_metadata, tokenizer_source
 
@@ -61,9 +60,8 @@ def apply_checkpoint_args(args, resume: Optional[Dict[str, Any]]) -> None:
 def resolve_arch(args, padded_vocab_size: int, resume: Optional[Dict[str, Any]]) -> Arch:
     """The architecture this run builds first: the flags' (``args.loop`` is the resolved
     loop), at the checkpoint's depth and vocabulary padding when resuming."""
-    loop = LoopSpec.parse(args.loop) if args.loop else None
     if resume is None:
-        return Arch.from_args(args, padded_vocab_size, loop=loop)
+        return Arch.from_args(args, padded_vocab_size)
     record = resume.get("arch") or {}
     for name in MUST_MATCH:
         if name in record and record[name] != getattr(args, name, None):
@@ -78,4 +76,4 @@ def resolve_arch(args, padded_vocab_size: int, resume: Optional[Dict[str, Any]])
             f"--load {args.load!r} has padded vocabulary {padded}, which TP "
             f"{args.tensor_model_parallel_size} cannot split; use another TP size"
         )
-    return Arch.from_args(args, padded, num_layers=int(record.get("num_layers", args.num_layers)), loop=loop)
+    return Arch.from_args(args, padded, num_layers=int(record.get("num_layers", args.num_layers)))

@@ -16,6 +16,8 @@ from megatron.core.dist_checkpointing.strategies.torch import (
     _replace_state_dict_keys_with_sharded_keys,
     mcore_to_pyt_state_dict,
 )
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import save as dcp_save
 
 
 class SyncSaveStrategy(TorchDistSaveShardedStrategy):
@@ -26,9 +28,6 @@ class SyncSaveStrategy(TorchDistSaveShardedStrategy):
         self.sync_files = sync_files
 
     def save(self, sharded_state_dict, checkpoint_dir):
-        from torch.distributed.checkpoint import FileSystemWriter
-        from torch.distributed.checkpoint import save as dcp_save
-
         sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
         pyt_state_dict = mcore_to_pyt_state_dict(sd, False)
         writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True, sync_files=self.sync_files,
