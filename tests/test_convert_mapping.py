@@ -170,8 +170,24 @@ def test_llama3_rope_scaling_both_config_styles(style):
               "original_max_position_embeddings": 8192}
     cfg = _llama_cfg(rope_scaling=params) if style == "legacy" else _llama_cfg(
         rope_parameters=dict(params, rope_theta=500000.0))
-    assert rope_settings(cfg) == (500000.0, True, 32.0)
-    assert rope_settings(_llama_cfg()) == (500000.0, False, 8.0)
+    assert rope_settings(cfg) == dict(rotary_base=500000.0, rope_scaling=True, rope_scaling_factor=32.0,
+                                      rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                                      rope_original_max_position_embeddings=8192)
+    plain = rope_settings(_llama_cfg())
+    assert (plain["rotary_base"], plain["rope_scaling"]) == (500000.0, False)
+
+
+def test_llama3_rope_factors_other_than_megatrons_are_kept():
+    """Non-default llama3 factors (megatron-core hard-codes 1/4/8192) are read, not refused, and
+    survive the arch -> config.json -> arch round trip."""
+    params = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 2.0, "high_freq_factor": 8.0,
+              "original_max_position_embeddings": 64}
+    arch, shape = arch_from_hf_config(_llama_cfg(rope_scaling=params))
+    assert (arch.rope_scaling_factor, arch.rope_low_freq_factor, arch.rope_high_freq_factor,
+            arch.rope_original_max_position_embeddings) == (4.0, 2.0, 8.0, 64)
+    cfg = hf_config_from_arch(arch, shape.vocab_size, shape.num_layers, "float32")
+    assert cfg["rope_scaling"] == params
+    assert arch_from_hf_config(cfg)[0] == arch
 
 
 @pytest.mark.parametrize(
@@ -184,9 +200,12 @@ def test_llama3_rope_scaling_both_config_styles(style):
         (dict(hidden_act="gelu"), "hidden_act"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "yarn"),
         (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "linear"),
-        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}), "low_freq_factor"),
-        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 4096}),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0}),
+         "low_freq_factor < high_freq_factor"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 0}),
          "original_max_position_embeddings"),
+        (dict(rope_scaling={"rope_type": "llama3", "factor": -2.0}), "factor"),
+        (dict(rope_scaling={"rope_type": "llama3"}), "without a 'factor'"),
         (dict(num_key_value_heads=3), "not divisible"),
         (dict(hidden_size=None), "hidden_size"),
     ],

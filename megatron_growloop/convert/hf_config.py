@@ -11,20 +11,30 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple
 
 from ..errors import UsageError
-from ..model.arch import Arch, pad_vocab_size
+from ..model.arch import (
+    LLAMA3_HIGH_FREQ_FACTOR,
+    LLAMA3_LOW_FREQ_FACTOR,
+    LLAMA3_ORIGINAL_MAX_POSITIONS,
+    Arch,
+    pad_vocab_size,
+)
 from .mapping import LlamaShape
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("llama",)
 LOOP_KEY = "megatron_growloop"  # config.json entry recording the loop of an exported looped model
 
-# Megatron-core's RotaryEmbedding._apply_scaling hard-codes these Llama-3 values.
-MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# transformers' defaults for ``rope_type: llama3`` keys a config may omit (megatron-core's too).
+LLAMA3_ROPE_DEFAULTS = {"low_freq_factor": LLAMA3_LOW_FREQ_FACTOR, "high_freq_factor": LLAMA3_HIGH_FREQ_FACTOR,
+                        "original_max_position_embeddings": LLAMA3_ORIGINAL_MAX_POSITIONS}
 DEFAULT_SEQ_LENGTH = 2048
 
 
-def rope_settings(cfg: Dict[str, Any]) -> Tuple[float, bool, float]:
-    """``(rotary_base, rope_scaling, rope_scaling_factor)`` from an HF config.
+def rope_settings(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The RoPE fields of the architecture record from an HF config: ``rotary_base``,
+    ``rope_scaling`` and, for llama3 scaling, its factor, low/high frequency factors and
+    original context length (any valid values: the model applies all four, see
+    :mod:`megatron_growloop.model.rope`).
 
     Reads both the transformers-5 ``rope_parameters`` and the older
     ``rope_theta``/``rope_scaling`` keys."""
@@ -36,23 +46,33 @@ def rope_settings(cfg: Dict[str, Any]) -> Tuple[float, bool, float]:
     merged = dict(legacy)
     merged.update({k: v for k, v in params.items() if k != "rope_theta"})
     rope_type = merged.get("rope_type", merged.get("type")) or "default"
+    out = {"rotary_base": float(theta), "rope_scaling": False, "rope_scaling_factor": 8.0,
+           "rope_low_freq_factor": LLAMA3_LOW_FREQ_FACTOR, "rope_high_freq_factor": LLAMA3_HIGH_FREQ_FACTOR,
+           "rope_original_max_position_embeddings": LLAMA3_ORIGINAL_MAX_POSITIONS}
     if rope_type == "default":
-        return float(theta), False, 8.0
-    if rope_type == "llama3":
-        factor = merged.get("factor")
-        if factor is None:
-            raise UsageError("config.json: llama3 RoPE scaling without a 'factor'")
-        for key, want in MEGATRON_LLAMA3_ROPE.items():
-            got = merged.get(key, want)
-            if float(got) != float(want):
-                raise UsageError(
-                    f"config.json: llama3 RoPE scaling with {key}={got} is not supported; megatron-core "
-                    f"0.16.1 hard-codes {key}={want:g}"
-                )
-        return float(theta), True, float(factor)
-    raise UsageError(
-        f"config.json: RoPE scaling type {rope_type!r} is not supported; supported: default (none) and llama3"
-    )
+        return out
+    if rope_type != "llama3":
+        raise UsageError(
+            f"config.json: RoPE scaling type {rope_type!r} is not supported; supported: default (none) and llama3"
+        )
+    factor = merged.get("factor")
+    if factor is None:
+        raise UsageError("config.json: llama3 RoPE scaling without a 'factor'")
+    values = {key: merged.get(key, default) for key, default in LLAMA3_ROPE_DEFAULTS.items()}
+    for key, v in [("factor", factor), *values.items()]:
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise UsageError(f"config.json: llama3 RoPE scaling needs a positive number for {key}, got {v!r}")
+    low, high = float(values["low_freq_factor"]), float(values["high_freq_factor"])
+    if low >= high:
+        raise UsageError(
+            f"config.json: llama3 RoPE scaling needs low_freq_factor < high_freq_factor, got {low:g} and {high:g}"
+        )
+    orig = values["original_max_position_embeddings"]
+    if float(orig) != int(orig):
+        raise UsageError(f"config.json: llama3 original_max_position_embeddings must be an integer, got {orig!r}")
+    out.update(rope_scaling=True, rope_scaling_factor=float(factor), rope_low_freq_factor=low,
+               rope_high_freq_factor=high, rope_original_max_position_embeddings=int(orig))
+    return out
 
 
 def arch_from_hf_config(
@@ -94,7 +114,7 @@ def arch_from_hf_config(
         if h % nh:
             raise UsageError(f"config.json: hidden_size {h} is not divisible by num_attention_heads {nh} and no head_dim is given")
         head_dim = h // nh
-    rotary_base, rope_scaling, rope_factor = rope_settings(cfg)
+    rope = rope_settings(cfg)
     vocab = cfg["vocab_size"]
     max_pos = int(cfg.get("max_position_embeddings", 2048))
     shape = LlamaShape(
@@ -115,9 +135,7 @@ def arch_from_hf_config(
         kv_channels=shape.head_dim,
         seq_length=int(seq_length) if seq_length else min(max_pos, DEFAULT_SEQ_LENGTH),
         max_position_embeddings=max_pos,
-        rotary_base=rotary_base,
-        rope_scaling=rope_scaling,
-        rope_scaling_factor=rope_factor,
+        **rope,
         norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
         init_method_std=float(cfg.get("initializer_range", 0.02)),
         # transformers' LlamaConfig default is untied.
@@ -177,7 +195,13 @@ def hf_config_from_arch(
         "torch_dtype": dtype,
     }
     if arch.rope_scaling:
-        cfg["rope_scaling"] = dict(rope_type="llama3", factor=float(arch.rope_scaling_factor), **MEGATRON_LLAMA3_ROPE)
+        cfg["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": float(arch.rope_scaling_factor),
+            "low_freq_factor": float(arch.rope_low_freq_factor),
+            "high_freq_factor": float(arch.rope_high_freq_factor),
+            "original_max_position_embeddings": int(arch.rope_original_max_position_embeddings),
+        }
     for key in PASSTHROUGH_KEYS:
         if source_config and source_config.get(key) is not None:
             cfg[key] = source_config[key]

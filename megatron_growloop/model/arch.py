@@ -32,6 +32,11 @@ LLAMA3_HIGH_FREQ_FACTOR = 4.0
 LLAMA3_ORIGINAL_MAX_POSITIONS = 8192
 
 
+def _arg(args, name: str, default):
+    value = getattr(args, name, None)
+    return default if value is None else value
+
+
 def pad_vocab_size(vocab_size: int, divisible_by: int = 128, tp: int = 1) -> int:
     """Megatron-LM's rule (``megatron/training/tokenizer/tokenizer.py``'s ``_vocab_size_with_padding``):
     pad to a multiple of ``make_vocab_size_divisible_by * TP`` so the embedding splits over TP."""
@@ -95,6 +100,10 @@ class Arch:
             rotary_base=float(args.rotary_base),
             rope_scaling=bool(getattr(args, "rope_scaling", False)),
             rope_scaling_factor=float(getattr(args, "rope_scaling_factor", None) or 8.0),
+            rope_low_freq_factor=float(_arg(args, "rope_low_freq_factor", LLAMA3_LOW_FREQ_FACTOR)),
+            rope_high_freq_factor=float(_arg(args, "rope_high_freq_factor", LLAMA3_HIGH_FREQ_FACTOR)),
+            rope_original_max_position_embeddings=int(
+                _arg(args, "rope_original_max_position_embeddings", LLAMA3_ORIGINAL_MAX_POSITIONS)),
             norm_epsilon=float(args.norm_epsilon),
             init_method_std=float(args.init_method_std),
             untie_embeddings_and_output_weights=bool(args.untie_embeddings_and_output_weights),

@@ -27,6 +27,7 @@ from .arch import Arch
 from .config import GrowLoopConfig, build_transformer_config
 from .implementation import Implementation
 from .parallel import ParallelLayout
+from .rope import apply_llama3_rope_scaling
 
 
 @contextmanager
@@ -141,9 +142,11 @@ def build_model(
         share_embeddings_and_output_weights=arch.tied,
         position_embedding_type="rope",
         rotary_base=int(rotary_base) if float(rotary_base).is_integer() else rotary_base,
-        rope_scaling=arch.rope_scaling,
-        rope_scaling_factor=arch.rope_scaling_factor,
+        rope_scaling=False,  # megatron-core would hard-code three of the four factors; see model/rope.py
     )
+    if arch.rope_scaling:
+        apply_llama3_rope_scaling(model, arch.rope_scaling_factor, arch.rope_low_freq_factor,
+                                  arch.rope_high_freq_factor, arch.rope_original_max_position_embeddings)
     if to_device and platform.has_cuda():
         model.cuda(torch.cuda.current_device())
     return model

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from ..errors import ArgumentParser, UsageError
 from ..looping.cli import add_loop_args, validate_loop_args
 from ..looping.spec import LoopSpec, build_schedule, check_stage_sizes
-from ..model.arch import Arch
+from ..model.arch import LLAMA3_HIGH_FREQ_FACTOR, LLAMA3_LOW_FREQ_FACTOR, LLAMA3_ORIGINAL_MAX_POSITIONS, Arch
 from ..model.parallel import stage_sizes_from_layout
 from ..model.presets import PRESETS, ModelPreset, get_preset
 from ..platform import has_cuda, te_importable
@@ -60,8 +60,15 @@ def build_parser(prog: str = "megatron_growloop.pretrain",
     g.add_argument("--max-position-embeddings", type=int)
     g.add_argument("--rotary-base", type=float)
     g.add_argument("--use-rope-scaling", dest="rope_scaling", action="store_true",
-                   help="Llama-3.x RoPE frequency scaling (megatron-core's; low/high factors 1/4, original context 8192)")
-    g.add_argument("--rope-scaling-factor", type=float, default=None, help="Llama-3.x RoPE scaling factor (default 8)")
+                   help="Llama-3.x RoPE frequency scaling (on for the llama3.* presets)")
+    g.add_argument("--rope-scaling-factor", type=float, default=None,
+                   help="Llama-3.x RoPE scaling factor (default: the preset's, else 8)")
+    g.add_argument("--rope-low-freq-factor", type=float, default=None,
+                   help="Llama-3.x RoPE low-frequency factor (default 1, as in every Llama-3.x config.json)")
+    g.add_argument("--rope-high-freq-factor", type=float, default=None,
+                   help="Llama-3.x RoPE high-frequency factor (default 4)")
+    g.add_argument("--rope-original-max-position-embeddings", type=int, default=None,
+                   help="Llama-3.x RoPE original context length (default 8192)")
     g.add_argument("--norm-epsilon", type=float)
     g.add_argument("--init-method-std", type=float)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
@@ -97,6 +104,9 @@ def build_parser(prog: str = "megatron_growloop.pretrain",
     g.add_argument("--recompute-method", choices=["uniform", "block"], default="uniform")
     g.add_argument("--recompute-num-layers", type=int, default=1)
     g.add_argument("--exit-interval", type=int, default=None, help="stop (after saving) at this iteration")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the layout planner's line for this run (parameters, memory per rank, FLOPs) and "
+                        "exit 0 without starting a process group or writing anything")
 
     g = p.add_argument_group("optimizer and learning rate")
     g.add_argument("--optimizer", choices=["adam"], default="adam")
@@ -170,8 +180,13 @@ def apply_preset(args) -> None:
             setattr(args, name, getattr(preset, name))
     if args.num_query_groups is None:
         args.num_query_groups = args.num_attention_heads
-    if args.rope_scaling_factor is None:
-        args.rope_scaling_factor = 8.0
+    if preset.rope_scaling:
+        args.rope_scaling = True
+    for name, default in (("rope_scaling_factor", 8.0), ("rope_low_freq_factor", LLAMA3_LOW_FREQ_FACTOR),
+                          ("rope_high_freq_factor", LLAMA3_HIGH_FREQ_FACTOR),
+                          ("rope_original_max_position_embeddings", LLAMA3_ORIGINAL_MAX_POSITIONS)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.kv_channels is None:
         if args.hidden_size % args.num_attention_heads:
             raise UsageError(
@@ -184,8 +199,12 @@ def apply_preset(args) -> None:
 
 
 def validate_args(args, world_size: int, resume: Optional[Dict[str, Any]] = None,
-                  extra_validators: Sequence[ArgsValidator] = (), explicit_num_layers: bool = True) -> None:
-    """Check everything that can be checked before any process group exists."""
+                  extra_validators: Sequence[ArgsValidator] = (), explicit_num_layers: bool = True,
+                  planning: bool = False) -> None:
+    """Check everything that can be checked before any process group exists.
+
+    ``planning``: for the layout planner, which plans a run on another machine -- Transformer
+    Engine need not be importable here, and it is the default implementation (as on a GPU)."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size",
                  "train_iters", "num_layers", "hidden_size", "num_attention_heads", "seq_length",
@@ -265,9 +284,14 @@ def validate_args(args, world_size: int, resume: Optional[Dict[str, Any]] = None
     # Loop checks first: refusing FP8-delayed / CUDA graphs for looped blocks must not
     # depend on Transformer Engine being installed.
     validate_loop_args(args, (resume or {}).get("arch"), explicit_num_layers)
+    if args.rope_scaling and not 0 < args.rope_low_freq_factor < args.rope_high_freq_factor:
+        raise UsageError(
+            f"--rope-low-freq-factor {args.rope_low_freq_factor:g} and --rope-high-freq-factor "
+            f"{args.rope_high_freq_factor:g}: Llama-3 RoPE scaling needs 0 < low < high"
+        )
     if args.transformer_impl is None:
-        args.transformer_impl = "transformer_engine" if (has_cuda() and te_importable()) else "local"
-    if args.transformer_impl == "transformer_engine" and not te_importable():
+        args.transformer_impl = "transformer_engine" if (planning or (has_cuda() and te_importable())) else "local"
+    if args.transformer_impl == "transformer_engine" and not planning and not te_importable():
         raise UsageError(
             "--transformer-impl transformer_engine: Transformer Engine is not importable here "
             "(install the gpu extra on a CUDA machine, or use --transformer-impl local)"
@@ -295,14 +319,17 @@ def parse_args(
     world_size: Optional[int] = None,
     extra_args_providers: Sequence[ArgsProvider] = (),
     extra_validators: Sequence[ArgsValidator] = (),
+    planning: bool = False,
+    prog: str = "megatron_growloop.pretrain",
 ) -> Launch:
-    """Parse and check ``pretrain`` flags; read the ``--load`` checkpoint's metadata once."""
-    args = build_parser(extra_args_providers=extra_args_providers).parse_args(argv)
+    """Parse and check ``pretrain`` flags; read the ``--load`` checkpoint's metadata once.
+    ``planning``: see :func:`validate_args` (the layout planner, ``prog`` its name)."""
+    args = build_parser(prog, extra_args_providers=extra_args_providers).parse_args(argv)
     resume = find_resume(args)
     if args.use_checkpoint_args:
         apply_checkpoint_args(args, resume)
     explicit_num_layers = args.num_layers is not None
     apply_preset(args)
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    validate_args(args, world, resume, extra_validators, explicit_num_layers)
+    validate_args(args, world, resume, extra_validators, explicit_num_layers, planning)
     return Launch(args, resume)
