@@ -16,3 +16,5 @@ OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node 2 benchmarks/
 python benchmarks/convert.py --rounds 3
 HF=$(python -c "from megatron_growloop.convert import smollm2_hf_dir; print(smollm2_hf_dir())")
 python benchmarks/eval.py --hf "$HF" --tasks copy_random,va_basic_d2 --limit 5 --out $R/eval.json
+python benchmarks/plan_search.py --repeats 5
+python benchmarks/plan_accuracy.py

@@ -8,12 +8,14 @@ controller); the training loop itself never imports them.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from typing import List, Optional
 
 from .errors import cli_errors
 from .growth.cli import add_growth_args, growth_controller, validate_growth_args
+from .plan.startup import announce
 from .training.arguments import Launch, parse_args
 from .training.initialize import teardown
 from .training.trainer import Trainer
@@ -35,7 +37,11 @@ def build_trainer(launch: Launch) -> Trainer:
 
 def main(argv: Optional[List[str]] = None) -> dict:
     with cli_errors("megatron_growloop.pretrain"):
-        trainer = build_trainer(parse_pretrain_args(argv))
+        launch = parse_pretrain_args(argv)
+        plan = announce(launch, int(os.environ.get("WORLD_SIZE", "1")))  # the planner's line, as Megatron-LM
+        if launch.args.dry_run:
+            return {"dry_run": True, "plan": plan.to_json()}
+        trainer = build_trainer(launch)
         trainer.setup()
         summary = trainer.train()
         if trainer.is_logging_rank:
