@@ -9,6 +9,7 @@ import glob
 import json
 import math
 import os
+import re
 
 import pytest
 
@@ -16,7 +17,7 @@ from conftest import pretrain, read_metrics
 from growth_checks import compare_grown, dump_dir
 
 COMMON = ["--tokenizer-type", "ByteTokenizer", "--mock-data", "--vocab-size", "256", "--log-interval", "1",
-          "--train-iters", "8", "--grow-final-layers", "12", "--grow-iters", "12", "--lr", "3e-3"]
+          "--dist-ckpt-optim-fully-reshardable", "--train-iters", "8", "--grow-final-layers", "12", "--grow-iters", "12", "--lr", "3e-3"]
 # PROP-1, k = 3 stages over T = 12: budgets 2, 4, 6 -> grows after iterations 2 and 6.
 
 
@@ -52,7 +53,8 @@ def test_growth_tp2_pp2_distopt_layers_cross_stages(dist_1rank, tmp_path):
     assert "grows after iterations [2, 6]" in out
     assert "growth step 1/2 (midas) before iteration 3: 4 -> 8 layers; pipeline stages hold [4, 4] layers" in out
     assert "growth step 2/2 (midas) before iteration 7: 8 -> 12 layers; pipeline stages hold [6, 6] layers" in out
-    assert out.count("(exchange transfer:") == 2  # MIDAS moves layers across stages
+    # MIDAS moves layers across stages: they arrive point to point, one piece at a time
+    assert out.count("(memory transfer, ") == 2 and out.count("pieces received") == 2
     assert "growth FLOPs: training FLOPs" in out
 
     for step, it in ((1, 2), (2, 6)):
@@ -88,7 +90,7 @@ def test_resume_across_growth_equals_uninterrupted(dist_1rank, tmp_path):
     r1, r2 = tmp_path / "r1", tmp_path / "r2"
     p1 = pretrain([*base, "--grow-dump-dir", tmp_path / "dump1", "--grow-transfer", "checkpoint", "--save", r1, "--save-interval", "2",
                    "--exit-interval", "4", "--metrics-file", tmp_path / "m1.jsonl"], nproc=2)
-    assert p1.stdout.count("(checkpoint transfer:") == 1
+    assert p1.stdout.count("(checkpoint transfer, ") == 1
     counts = compare_grown(str(r1 / "iter_0000002"), dump_dir(str(tmp_path / "dump1"), 1))
     assert counts["param"] == counts["exp_avg"] == counts["exp_avg_sq"] == counts["weight"] == 6 * 8
     assert json.loads((r1 / "iter_0000002" / "growloop.json").read_text())["arch"]["num_layers"] == 4
@@ -96,7 +98,7 @@ def test_resume_across_growth_equals_uninterrupted(dist_1rank, tmp_path):
 
     p2 = pretrain([*base, "--grow-dump-dir", tmp_path / "dump2", "--load", r1 / "iter_0000002", "--save", r2, "--save-interval", "2",
                    "--metrics-file", tmp_path / "m2.jsonl"], nproc=2)
-    assert p2.stdout.count("(memory transfer:") == 2
+    assert p2.stdout.count("(memory transfer, ") == 2
     assert "growth step 1/2 (lidas) before iteration 3: 4 -> 8 layers" in p2.stdout
     counts = compare_grown(str(r2 / "iter_0000006"), dump_dir(str(tmp_path / "dump2"), 2))
     assert counts["param"] == counts["exp_avg"] == counts["exp_avg_sq"] == counts["weight"] == 6 * 12
@@ -118,16 +120,38 @@ def test_resume_across_growth_equals_uninterrupted(dist_1rank, tmp_path):
 
 
 @pytest.mark.slow
-def test_exchange_and_checkpoint_transfers_agree_when_layers_cross_stages(tmp_path):
+def test_memory_and_checkpoint_transfers_agree_when_layers_cross_stages(tmp_path):
     """Invariant (PP=2, MIDAS 4 -> 8 -> 12: copies move to the other stage): carrying the state
-    through the in-memory exchange and through a scratch checkpoint gives bitwise-identical
-    training (losses, grad norms) before and after both growth steps."""
+    in memory (moving layers sent point to point) and through a scratch checkpoint gives
+    bitwise-identical training (losses, grad norms) before and after both growth steps."""
     base = [*COMMON, "--grow-method", "midas", "--pipeline-model-parallel-size", "2"]
     runs = {}
-    for mode in ("exchange", "checkpoint"):
+    for mode in ("memory", "checkpoint"):
         proc = pretrain([*base, "--grow-transfer", mode, "--metrics-file", tmp_path / f"{mode}.jsonl"], nproc=2)
-        assert proc.stdout.count(f"({mode} transfer:") == 2
+        assert proc.stdout.count(f"({mode} transfer, ") == 2
         runs[mode] = read_metrics(tmp_path / f"{mode}.jsonl")
-    assert [r["num_layers"] for r in runs["exchange"]] == [4, 4, 8, 8, 8, 8, 12, 12]
-    for a, b in zip(runs["exchange"], runs["checkpoint"]):
+        runs[f"{mode}_stdout"] = proc.stdout
+    assert [r["num_layers"] for r in runs["memory"]] == [4, 4, 8, 8, 8, 8, 12, 12]
+    # the moving layers travel one tensor at a time: no buffer exceeds the largest parameter's
+    # fp32 tensor (the tiny preset's fused SwiGLU fc1, [2 x 176, 64]), i.e. memory is bounded by
+    # one parameter -- the previous pickled exchange sent every moving layer in one payload
+    largest = [int(x) for x in re.findall(r"largest buffer (\d+) B", runs["memory_stdout"])]
+    assert len(largest) == 2 and 0 < max(largest) <= 2 * 176 * 64 * 4
+    for a, b in zip(runs["memory"], runs["checkpoint"]):
         assert (a["iteration"], a["loss"], a["grad_norm"]) == (b["iteration"], b["loss"], b["grad_norm"])
+
+
+@pytest.mark.slow
+def test_growth_with_overlapped_param_gather_trains_like_without(tmp_path):
+    """Invariant (DP=2, bf16, distributed optimizer, LIDAS 4 -> 8 -> 12): with
+    --overlap-param-gather the all-gather of updated parameters is deferred to the next forward;
+    a growth step must finish it before taking the weights, so training is bitwise the same as
+    without the overlap -- also after each growth step."""
+    base = [*COMMON, "--grow-method", "lidas", "--bf16", "--use-distributed-optimizer"]
+    runs = {}
+    for name, extra in (("plain", []), ("overlap", ["--overlap-param-gather"])):
+        pretrain([*base, *extra, "--metrics-file", tmp_path / f"{name}.jsonl"], nproc=2)
+        runs[name] = [(r["iteration"], r["num_layers"], r["loss"], r["grad_norm"])
+                      for r in read_metrics(tmp_path / f"{name}.jsonl")]
+    assert [r[1] for r in runs["plain"]] == [4, 4, 8, 8, 8, 8, 12, 12]
+    assert runs["overlap"] == runs["plain"]

@@ -35,23 +35,32 @@ def test_exact_resume_cpu_fp32(tmp_path):
 
 @pytest.mark.slow
 def test_resharded_resume_with_optimizer(tmp_path):
-    """Saved at DP=2 with the distributed optimizer, resumed at TP=2 and at PP=2: training continues
-    as the uninterrupted single-process run (model *and* Adam state resharded)."""
+    """Saved at DP=2 with the distributed optimizer in the fully reshardable format, resumed at
+    TP=2 and at PP=2: training continues as the uninterrupted single-process run (model *and*
+    Adam state resharded).  In the default dp_reshardable format (Megatron-LM's) it resumes at
+    DP=1 likewise, and a TP change is refused in one line."""
     start = tmp_path / "start"
     pretrain(["--tokenizer-type", "ByteTokenizer", "--train-iters", "1", "--lr", "0", "--save", str(start)])
     ref = tmp_path / "ref.jsonl"
     pretrain(COMMON + ["--train-iters", "6", "--load", str(start), "--finetune", "--metrics-file", str(ref)])
-    ck = tmp_path / "ck"
-    pretrain(COMMON + ["--train-iters", "6", "--exit-interval", "3", "--load", str(start), "--finetune",
-                       "--save", str(ck), "--use-distributed-optimizer"], nproc=2)
-    for extra in (["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]):
-        extra = extra + ["--use-distributed-optimizer"]
-        m = tmp_path / f"m{extra[0]}.jsonl"
-        pretrain(COMMON + ["--train-iters", "6", "--load", str(ck), "--metrics-file", str(m)] + extra, nproc=2)
+    want = _losses(ref)[3:]
+    ck, ck_dp = tmp_path / "ck", tmp_path / "ck_dp"
+    first = COMMON + ["--train-iters", "6", "--exit-interval", "3", "--load", str(start), "--finetune",
+                      "--use-distributed-optimizer"]
+    pretrain(first + ["--save", str(ck), "--dist-ckpt-optim-fully-reshardable"], nproc=2)
+    pretrain(first + ["--save", str(ck_dp)], nproc=2)
+    runs = [(ck, 2, ["--tensor-model-parallel-size", "2"]), (ck, 2, ["--pipeline-model-parallel-size", "2"]),
+            (ck_dp, 1, [])]
+    for i, (load, nproc, extra) in enumerate(runs):
+        m = tmp_path / f"m{i}.jsonl"
+        pretrain(COMMON + ["--train-iters", "6", "--load", str(load), "--metrics-file", str(m),
+                           "--use-distributed-optimizer"] + extra, nproc=nproc)
         got = _losses(m)
-        want = _losses(ref)[3:]
         assert len(got) == 3
         assert got == pytest.approx(want, rel=2e-5), (extra, got, want)
+    proc = pretrain(COMMON + ["--train-iters", "6", "--load", str(ck_dp), "--use-distributed-optimizer",
+                              "--tensor-model-parallel-size", "2"], nproc=2, check=False)
+    assert proc.returncode != 0 and "dp_reshardable" in proc.stderr and "--dist-ckpt-optim-fully-reshardable" in proc.stderr
     # the optimizer type must match; the error says so in one line
     proc = pretrain(COMMON + ["--train-iters", "6", "--load", str(ck)], check=False)
     assert proc.returncode == 2 and "--use-distributed-optimizer" in proc.stderr

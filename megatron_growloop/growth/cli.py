@@ -27,10 +27,11 @@ def add_growth_args(parser) -> None:
     g.add_argument("--grow-iters", type=int, default=None,
                    help="T: iterations of the growth phase (all stages incl. the first at full depth)")
     g.add_argument("--grow-transfer", choices=["auto", "memory", "exchange", "checkpoint"], default="auto",
-                   help="how a growth step carries the state to the rebuilt model: in memory (only when no "
-                        "layer changes pipeline stage), in memory plus a collective exchange of the layers that "
-                        "move between stages, through a scratch checkpoint, or auto (memory when possible, "
-                        "else exchange)")
+                   help="how a growth step carries the state to the rebuilt model: in host memory, each rank its "
+                        "own shards, with what moves between ranks (layers changing pipeline stage, distributed-"
+                        "optimizer ranges changing DP rank) sent point to point ('memory'; 'auto' and the former "
+                        "'exchange' are the same), or through a scratch checkpoint ('checkpoint', gathers the "
+                        "distributed optimizer's state)")
     g.add_argument("--grow-scratch-dir", default=None,
                    help="directory for the temporary checkpoint of a growth step, visible to all ranks "
                         "(default: /dev/shm on one node, else <save>/growth_scratch)")

@@ -5,9 +5,9 @@ A growth step is a pure index map (:mod:`.operators`: new layer ``g`` copies old
 interface:
 
 1. ``trainer.model_space_state()``: weights, fp32 main params, both Adam moments and the
-   step in model space (``fully_reshardable``), kept by a transfer (:mod:`.transfer`) -- in
-   memory when no layer changes pipeline stage, with a collective exchange of the moving
-   layers, or through a scratch checkpoint;
+   step, kept by a transfer (:mod:`.transfer`) -- in host memory, each rank its own shards
+   (what moves between ranks goes point to point when the new model is filled), or through a
+   scratch checkpoint;
 2. ``trainer.rebuild(arch.with_depth(new), fill)``: the trainer drops its model, DDP and
    optimizer and builds them at the new depth (pipeline stages re-balanced), keeping the LR
    scheduler, the counters, the data iterators and the RNG;
@@ -28,14 +28,12 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..errors import UsageError
-from ..training.checkpointing import OPTIM_METADATA
 from ..training.controller import Controller
-from ..training.optimizer_state import ensure_optimizer_state, load_optimizer_state
 from . import flops as growth_flops
 from .operators import Lineage, compose, grow_lineage, initial_lineage
 from .plan import GrowthPlan
 from .source_view import source_view_sharded_state_dict
-from .transfer import CheckpointTransfer, ExchangeTransfer, MemoryTransfer, memory_transfer_possible
+from .transfer import CheckpointTransfer, MemoryTransfer
 
 
 @dataclass(frozen=True)
@@ -145,20 +143,11 @@ class GrowthController(Controller):
         return {"growth_flops": report}
 
     # -------------------------------------------------------------- the growth step
-    def _choose_transfer(self, trainer, src: List[int], new_arch):
-        mode = self.options.transfer
-        if mode == "checkpoint":
+    def _transfer(self, trainer):
+        if self.options.transfer == "checkpoint":
             base = scratch_base(self.options.scratch_dir, self.options.save_dir, _checkpoint_bytes(trainer))
             return CheckpointTransfer(base, f"it{trainer.state.iteration}")
-        old_layers = [layer.layer_number - 1 for layer in trainer.unwrapped.decoder.layers]
-        if memory_transfer_possible(src, old_layers, trainer.layout.stage_sizes(new_arch)):
-            return MemoryTransfer()
-        if mode == "memory":
-            raise UsageError(
-                "--grow-transfer memory: layers would move to another pipeline stage at this growth step; "
-                "use --grow-transfer auto, exchange or checkpoint"
-            )
-        return ExchangeTransfer()
+        return MemoryTransfer()  # "auto", "memory" and its former name "exchange"
 
     def grow(self, trainer, steps: List[int]) -> Dict[str, float]:
         """Apply growth steps ``steps`` (0-based, consecutive) in one rebuild."""
@@ -170,26 +159,18 @@ class GrowthController(Controller):
         lineage = [Lineage(**d) for d in trainer.state.lineage]
         for s in steps:
             lineage = grow_lineage(lineage, plan.method, plan.block_size, s + 1)
-        transfer = self._choose_transfer(trainer, src, new_arch)
+        transfer = self._transfer(trainer)
         marks = {}
 
         def fill(stack) -> None:
             marks["built"] = time.perf_counter()
-            view = source_view_sharded_state_dict(stack.model, src, old_depth)
-            ensure_optimizer_state(stack.optimizer)
-            request = {
-                "model": view,
-                "optimizer": stack.optimizer.sharded_state_dict(view, is_loading=True, metadata=OPTIM_METADATA),
-            }
-            loaded = transfer.load(request)
-            stack.model.load_state_dict(loaded["model"], strict=True)
-            load_optimizer_state(stack.optimizer, loaded["optimizer"])
+            transfer.fill(stack, source_view_sharded_state_dict(stack.model, src, old_depth))
 
         # megatron's DistributedOptimizer.sharded_state_dict runs gc.collect() (twice per growth
         # step); with the process' long-lived objects frozen those collections stay cheap.
         gc.freeze()
         try:
-            transfer.save(trainer.model_space_state())
+            transfer.capture(trainer)
             marks["saved"] = time.perf_counter()
             trainer.rebuild(new_arch, fill)
         except BaseException:
@@ -204,12 +185,16 @@ class GrowthController(Controller):
         trainer.state.lineage = [l.to_dict() for l in lineage]
         times = {"save_s": marks["saved"] - t_start, "rebuild_s": marks["built"] - marks["saved"],
                  "load_s": t_loaded - marks["built"], "total_s": t_loaded - t_start}
+        stats = transfer.stats()
         self.last_growth = {"steps": list(steps), "old_depth": old_depth, "new_depth": new_arch.num_layers,
-                            "src": src, "transfer": transfer.name, **times}
-        self._log_event(trainer, steps, old_depth, src, times, transfer.name)
-        if self.options.dump_dir:
+                            "src": src, "transfer": transfer.name, "transfer_stats": stats, **times}
+        if isinstance(transfer, MemoryTransfer):
+            self.last_growth["max_buffer_bytes"] = transfer.store.max_buffer_bytes
+        self._log_event(trainer, steps, old_depth, src, times, f"{transfer.name} transfer, {stats}")
+        if self.options.dump_dir:  # inspection: model-space optimizer state, comparable layer by layer
             trainer.save(os.path.join(self.options.dump_dir, f"step_{steps[-1] + 1}"),
-                         extra_metadata={"growth_src": src, "growth_transfer": transfer.name})
+                         extra_metadata={"growth_src": src, "growth_transfer": transfer.name},
+                         optimizer_format="fully_reshardable")
         return times
 
     def _log_event(self, trainer, steps, old_depth, src, times, transfer) -> None:
@@ -221,7 +206,7 @@ class GrowthController(Controller):
         trainer.log_text(
             f"growth step {steps[-1] + 1}/{len(plan.maps)} ({plan.method}) before iteration {it + 1}: "
             f"{old_depth} -> {new_depth} layers{layout}; new layer i copies old layer {src}; "
-            f"took {times['total_s']:.3f} s ({transfer} transfer: save {times['save_s']:.3f}, rebuild "
+            f"took {times['total_s']:.3f} s ({transfer}: save {times['save_s']:.3f}, rebuild "
             f"{times['rebuild_s']:.3f}, load {times['load_s']:.3f}); so far {rep['text']}"
         )
         trainer.log_scalars(it, {"growth/num-layers": new_depth, "growth/step-time-s": times["total_s"],

@@ -1,23 +1,21 @@
-"""Where a growth step keeps the model-space state between tearing down and rebuilding.
+"""How a growth step carries the model-space state from the old model to the rebuilt one.
 
-Both transfers take the same two dicts: the old model's sharded state dict plus its
-optimizer's ``fully_reshardable`` (model-space) sharded state dict on ``save``, and the new
-model's *source view* plus the new optimizer's sharded state dict on ``load``; both return
-what ``dist_checkpointing.load`` would.
+A transfer ``capture``\ s the state from the trainer before the old model is dropped and
+``fill``\ s the new model stack through its *source view* (new layer ``g`` reads old layer
+``src[g]``, :mod:`.source_view`).
 
-* :class:`CheckpointTransfer` writes a torch_dist checkpoint to a scratch directory and
-  loads it back with :class:`~.source_view.DedupLoadStrategy`: works for every layout,
-  including layers that move to another pipeline stage.
-* :class:`MemoryTransfer` keeps the shards in this process and serves the requests from
-  them.  It is exact only when every shard a rank requests is one it held before -- true
-  whenever no layer changes pipeline stage (always with PP=1; the distributed optimizer's
-  model-space state is gathered over data-parallel ranks, so DP resharding is local) --
-  and skips all serialization.  :func:`memory_transfer_possible` decides, collectively.
-* :class:`ExchangeTransfer` is the memory transfer plus one collective exchange: every rank
-  names the shards it lacks (the layers that move to its pipeline stage), the lowest rank
-  holding each sends it, and each rank receives only what it asked for.  Exact whenever
-  every requested shard was held, unchanged, by some rank (growth never changes TP/DP
-  sharding, only which stage holds a layer), without touching a file system.
+* :class:`MemoryTransfer` (default): every rank keeps its own shards in host memory
+  (:class:`~.shards.ShardStore`): the weights of its TP/PP shard and, with the distributed
+  optimizer, its data-parallel shard of the fp32 params and Adam moments -- nothing is
+  gathered (:func:`~megatron_growloop.training.optimizer_state.local_optimizer_state`).
+  What a rank needs and does not hold -- layers that move to its pipeline stage, and the
+  distributed optimizer's ranges that move between data-parallel ranks when the buffers
+  are re-laid out at the new depth -- comes from the rank that holds it, point to point,
+  one piece (at most one parameter's tensor) at a time.
+* :class:`CheckpointTransfer` (``--grow-transfer checkpoint``): a torch_dist checkpoint in a
+  scratch directory, read back with :class:`~.source_view.DedupLoadStrategy`.  It uses the
+  ``fully_reshardable`` optimizer format, which gathers the distributed optimizer's state
+  over data-parallel ranks; it is the fallback for debugging and inspection.
 """
 
 from __future__ import annotations
@@ -26,108 +24,100 @@ import copy
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, List
 
-import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.dict_utils import dict_list_map_outplace, merge, nested_values
-from megatron.core.dist_checkpointing.mapping import ShardedBase, apply_factory_merges
+from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedTensor, apply_factory_merges
 from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess, save_preprocess
 from megatron.core.dist_checkpointing.utils import extract_sharded_base
 
-from .. import platform
+from ..training.checkpointing import FULLY_RESHARDABLE
+from ..training.optimizer_state import (
+    ADAM_STATES,
+    ensure_optimizer_state,
+    load_local_optimizer_state,
+    load_optimizer_state,
+    local_optimizer_request,
+)
 from ..training.save_strategy import SyncSaveStrategy
-from .source_view import DedupLoadStrategy, shard_identity
+from .shards import ShardStore, numel, object_id, piece_wants, stored_value, tensor_id
+from .source_view import DedupLoadStrategy
+
+
+class _ShardedPart:
+    """A sharded state dict split by ``load_preprocess`` into what the store serves and the rest."""
+
+    def __init__(self, request: Dict[str, Any]):
+        sharded, self.nonpersistent, self.factories = load_preprocess(request)
+        self.sharded, _ = extract_sharded_base(sharded)
+
+    def entries(self) -> List[Any]:
+        return [x for x in nested_values(self.sharded) if isinstance(x, ShardedBase)]
+
+    def loaded(self, store: ShardStore, common: Dict[str, Any]) -> Dict[str, Any]:
+        values = dict_list_map_outplace(
+            lambda x: stored_value(store, x) if isinstance(x, ShardedBase) else x, self.sharded)
+        result = copy.deepcopy(common)
+        merge(result, self.nonpersistent)
+        merge(result, values)
+        return apply_factory_merges(result, self.factories)
 
 
 class MemoryTransfer:
     name = "memory"
 
     def __init__(self):
-        self._index: Dict[Tuple, Any] = {}
+        self.store = ShardStore()
         self._common: Dict[str, Any] = {}
+        self._optimizer_common: List[Dict[str, Any]] = []
 
-    def save(self, state: Dict[str, Any]) -> None:
+    def _put_sharded(self, state: Dict[str, Any]) -> Dict[str, Any]:
         sharded, common = save_preprocess(state, validate_access_integrity=False)
         for x in nested_values(sharded):
-            data = x.data
-            if torch.is_tensor(data):
-                # keep no reference to device memory of the model being torn down
-                data = data.detach().to("cpu", copy=True) if data.device.type != "cpu" else data.detach()
-            self._index.setdefault(shard_identity(x), data)
-        self._common = common
+            if isinstance(x, ShardedTensor):
+                self.store.put(tensor_id(x), 0, numel(x), x.data)
+            elif isinstance(x, ShardedBase):
+                self.store.put_object(object_id(x), x.data)
+        return common
 
-    def load(self, request: Dict[str, Any]) -> Dict[str, Any]:
-        sharded, nonpersistent, factories = load_preprocess(request)
-        sharded, _ = extract_sharded_base(sharded)
-        missing = []
-        handed_out = set()
+    def capture(self, trainer) -> None:
+        state = trainer.model_space_state(local_optimizer=True)
+        optimizer = state.pop("optimizer")
+        state["optimizer_sharded"] = optimizer.sharded
+        self._common = self._put_sharded(state)
+        self._optimizer_common = optimizer.common
+        for _, meta, start, stop, tensors in optimizer.shards:
+            for name, tensor in tensors.items():
+                self.store.put((name,) + tensor_id(meta), start, stop, tensor)
 
-        def fetch(x):
-            if not isinstance(x, ShardedBase):
-                return x
-            ident = shard_identity(x)
-            try:
-                value = self._index[ident]
-            except KeyError:
-                missing.append(x.key)
-                return None
-            if ident in handed_out:
-                # several new layers copy one old layer: each must get its own tensors, or
-                # an optimizer that keeps loaded state tensors as they are (torch Adam) would
-                # update one shared moment tensor once per copy
-                return value.clone() if torch.is_tensor(value) else copy.deepcopy(value)
-            handed_out.add(ident)
-            return value
+    def fill(self, stack, view: Dict[str, Any]) -> None:
+        request = local_optimizer_request(stack.optimizer, view)
+        part = _ShardedPart({"model": view, "optimizer_sharded": request.sharded})
+        wants, objects = piece_wants(part.entries())
+        wants += [((name,) + tensor_id(meta), start, stop)
+                  for _, meta, start, stop, _ in request.shards for name in ADAM_STATES]
+        self.store.exchange(wants, objects)  # collective: every rank calls it
+        loaded = part.loaded(self.store, self._common)
+        stack.model.load_state_dict(loaded["model"], strict=True)
+        load_local_optimizer_state(
+            stack.optimizer, request, self._optimizer_common,
+            fetch=lambda meta, name, a, b: self.store.get((name,) + tensor_id(meta), a, b),
+            sharded=loaded.get("optimizer_sharded") or {},
+        )
 
-        loaded = dict_list_map_outplace(fetch, sharded)
-        if missing:
-            raise RuntimeError(f"in-memory growth transfer lacks {len(missing)} shards, e.g. {missing[:3]}")
-        result = copy.deepcopy(self._common)
-        merge(result, nonpersistent)
-        merge(result, loaded)
-        return apply_factory_merges(result, factories)
+    def stats(self) -> str:
+        s = self.store
+        if not s.exchanged_pieces and not s.max_buffer_bytes:
+            return "no exchange"
+        return (f"{s.exchanged_pieces} pieces received ({s.exchanged_bytes / 2**20:.1f} MiB), "
+                f"largest buffer {s.max_buffer_bytes} B")
 
     def cleanup(self, collective: bool = True) -> None:
-        self._index.clear()
+        self.store.clear()
         self._common = {}
-
-
-def _compact(x):
-    return x.detach().clone() if torch.is_tensor(x) else x
-
-
-class ExchangeTransfer(MemoryTransfer):
-    name = "exchange"
-
-    def load(self, request: Dict[str, Any]) -> Dict[str, Any]:
-        sharded, _, _ = load_preprocess(request)
-        sharded, _ = extract_sharded_base(sharded)
-        missing = sorted({shard_identity(x) for x in nested_values(sharded)} - set(self._index), key=repr)
-        world, rank = dist.get_world_size(), dist.get_rank()
-        wanted: list = [None] * world
-        dist.all_gather_object(wanted, missing)
-        union = sorted({i for w in wanted for i in w}, key=repr)
-        held: list = [None] * world
-        dist.all_gather_object(held, [i for i in union if i in self._index])
-        supplier: Dict[Tuple, int] = {}
-        for r in range(world):
-            for ident in held[r]:
-                supplier.setdefault(ident, r)
-        lost = [i for i in union if i not in supplier]
-        if lost:
-            raise RuntimeError(f"growth exchange: no rank holds {len(lost)} requested shards, e.g. {lost[:2]}")
-        for src in range(world):  # one scatter per sender; a rank receives only its own shards
-            payload = None
-            if rank == src:
-                # clone: a shard may be a view into a larger buffer, and pickling a view sends its storage
-                payload = [{i: _compact(self._index[i]) for i in wanted[r] if supplier[i] == src}
-                           for r in range(world)]
-            got: list = [None]
-            dist.scatter_object_list(got, payload, src=src)
-            self._index.update(got[0])
-        return super().load(request)
+        self._optimizer_common = []
 
 
 class CheckpointTransfer:
@@ -141,36 +131,24 @@ class CheckpointTransfer:
         dist.broadcast_object_list(path, src=0)
         self.path = path[0]
 
-    def save(self, state: Dict[str, Any]) -> None:
-        dist_checkpointing.save(state, self.path, sharded_strategy=SyncSaveStrategy(sync_files=False), validate_access_integrity=False)
+    def capture(self, trainer) -> None:
+        dist_checkpointing.save(trainer.model_space_state(), self.path,
+                                sharded_strategy=SyncSaveStrategy(sync_files=False), validate_access_integrity=False)
 
-    def load(self, request: Dict[str, Any]) -> Dict[str, Any]:
-        return dist_checkpointing.load(request, self.path, sharded_strategy=DedupLoadStrategy(),
-                                       validate_access_integrity=False)
+    def fill(self, stack, view: Dict[str, Any]) -> None:
+        ensure_optimizer_state(stack.optimizer)
+        request = {"model": view,
+                   "optimizer": stack.optimizer.sharded_state_dict(view, is_loading=True, metadata=FULLY_RESHARDABLE)}
+        loaded = dist_checkpointing.load(request, self.path, sharded_strategy=DedupLoadStrategy(),
+                                         validate_access_integrity=False)
+        stack.model.load_state_dict(loaded["model"], strict=True)
+        load_optimizer_state(stack.optimizer, loaded["optimizer"])
+
+    def stats(self) -> str:
+        return f"scratch {self.path}"
 
     def cleanup(self, collective: bool = True) -> None:
         if collective:
             dist.barrier()  # every rank has finished reading
         if dist.get_rank() == 0:
             shutil.rmtree(self.path, ignore_errors=True)
-
-
-def old_layers_needed(src: Sequence[int], new_stage_sizes: Sequence[int], pp_rank: int) -> set:
-    """Old layers that pipeline stage ``pp_rank`` reads after growth (pure)."""
-    lo = sum(new_stage_sizes[:pp_rank])
-    return {src[g] for g in range(lo, lo + new_stage_sizes[pp_rank])}
-
-
-def memory_transfer_possible(src: Sequence[int], old_layers: Sequence[int], new_stage_sizes) -> bool:
-    """True on every rank iff no rank needs an old layer it does not hold (collective).
-
-    ``old_layers``: global indices of the decoder layers this rank holds now;
-    ``new_stage_sizes``: layers per pipeline stage after growth (None when PP=1).
-    """
-    if new_stage_sizes is None:
-        ok = True
-    else:
-        ok = old_layers_needed(src, new_stage_sizes, parallel_state.get_pipeline_model_parallel_rank()) <= set(old_layers)
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=platform.device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())

@@ -135,8 +135,10 @@ def build_parser(prog: str = "megatron_growloop.pretrain",
                    help="take the architecture (and the tokenizer, unless --tokenizer-model is given) from the --load "
                         "checkpoint; explicitly given architecture flags still win")
     g.add_argument("--finetune", action="store_true", help="load weights only; reset iteration, optimizer and data position")
-    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true", default=True,
-                   help="always on: optimizer state is saved so it loads at any TP/PP/DP and depth")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save the distributed optimizer's state in model space (loads at any TP/PP/DP; gathers "
+                        "the state over DP ranks at every save); default: dp_reshardable as in Megatron-LM (fully "
+                        "parallel save, loads at another DP size but the same TP/PP)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,

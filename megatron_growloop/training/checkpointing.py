@@ -11,9 +11,12 @@ rank 0 writes ``growloop.json``, renames the directory into place and replaces
 the ``latest`` marker with an atomic rename.  A crash at any point leaves the
 previous checkpoint and marker untouched.
 
-Optimizer state is always saved in the *fully reshardable* (model-space)
-format, so a checkpoint loads at any TP/PP/DP -- and, through a source view,
-at another depth (growth).
+The distributed optimizer's state is saved as Megatron-LM saves it
+(``megatron/training/checkpointing.py``): ``dp_reshardable`` by default -- every rank
+writes its own buffers, fully parallel, no gather; it loads at another DP size but the
+same TP/PP -- and ``fully_reshardable`` (model space: loads at any TP/PP/DP) with
+``--dist-ckpt-optim-fully-reshardable``.  The format is recorded in ``growloop.json``
+and used on load; other optimizers are always saved in model space.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from .optimizer_state import ensure_optimizer_state, load_optimizer_state
 FORMAT_VERSION = 1
 META_NAME = "growloop.json"
 TRACKER = "latest_checkpointed_iteration.txt"
-OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+FULLY_RESHARDABLE = {"distrib_optim_sharding_type": "fully_reshardable"}
+DP_RESHARDABLE = {"distrib_optim_sharding_type": "dp_reshardable"}
+OPTIMIZER_FORMATS = {"fully_reshardable": FULLY_RESHARDABLE, "dp_reshardable": DP_RESHARDABLE}
 
 
 def iter_dir_name(iteration: int) -> str:
@@ -181,11 +186,14 @@ def save_checkpoint(
     common: Optional[Dict[str, Any]] = None,
     metadata: Optional[Dict[str, Any]] = None,
     sharded_strategy=None,
+    optimizer_format: str = "dp_reshardable",
 ) -> str:
     """Save model (+ optimizer, scheduler, RNG, counters) at ``iteration``; return its directory.
 
     ``sharded_strategy``: megatron-core's default torch_dist writer when None (training), or
-    e.g. :class:`~megatron_growloop.training.save_strategy.SyncSaveStrategy` (conversion)."""
+    e.g. :class:`~megatron_growloop.training.save_strategy.SyncSaveStrategy` (conversion).
+    ``optimizer_format``: the distributed optimizer's sharding, ``dp_reshardable`` or
+    ``fully_reshardable`` (see the module docstring)."""
     root = Path(save_dir)
     final = root / iter_dir_name(iteration)
     tmp = root / (iter_dir_name(iteration) + ".tmp")
@@ -199,7 +207,7 @@ def save_checkpoint(
     model_sd = model_sharded_state_dict(model_chunks)
     state: Dict[str, Any] = {"model": _add_te_placeholders(model_chunks, model_sd)}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIM_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMATS[optimizer_format])
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     state["rng_state"] = _rng_sharded_object(rng_state())
@@ -215,7 +223,7 @@ def save_checkpoint(
             parallel=_parallel_layout(),
             has_optimizer=optimizer is not None,
             distributed_optimizer=_is_distributed_optimizer(optimizer),
-            optimizer_sharding=OPTIM_METADATA["distrib_optim_sharding_type"],
+            optimizer_sharding=optimizer_format if _is_distributed_optimizer(optimizer) else "model_space",
         )
         _write_atomic(tmp / META_NAME, json.dumps(meta, indent=2, sort_keys=True, default=str))
         if final.exists():
@@ -224,6 +232,17 @@ def save_checkpoint(
         _write_atomic(root / TRACKER, str(iteration))
     dist.barrier()
     return str(final)
+
+
+def _check_dp_reshardable_layout(ckpt: Path, meta: Dict[str, Any]) -> None:
+    """A ``dp_reshardable`` optimizer state loads only at the TP/PP it was written with."""
+    saved, now = meta.get("parallel") or {}, _parallel_layout()
+    if (saved.get("tp"), saved.get("pp")) != (now["tp"], now["pp"]):
+        raise UsageError(
+            f"checkpoint {str(ckpt)!r} holds distributed-optimizer state in the dp_reshardable format, "
+            f"written at TP {saved.get('tp')} x PP {saved.get('pp')}; this run is TP {now['tp']} x PP {now['pp']}: "
+            "resume at that TP/PP, pass --no-load-optim, or save with --dist-ckpt-optim-fully-reshardable"
+        )
 
 
 def _is_distributed_optimizer(optimizer) -> bool:
@@ -264,7 +283,11 @@ def load_checkpoint(
         )
     if load_optim:
         ensure_optimizer_state(optimizer)
-        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_METADATA)
+        saved = meta.get("optimizer_sharding") or "fully_reshardable"  # checkpoints before the choice
+        if saved == "dp_reshardable":
+            _check_dp_reshardable_layout(ckpt, meta)
+        request["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=OPTIMIZER_FORMATS.get(saved, FULLY_RESHARDABLE))
     same_layout = meta.get("parallel") == _parallel_layout()
     if load_rng and same_layout:
         request["rng_state"] = _rng_sharded_object()

@@ -47,6 +47,7 @@ from .controller import Controller
 from .factory import ModelStack, OptimizerSettings, build_scheduler, build_stack
 from .initialize import init_distributed
 from .logger import MetricsLogger
+from .optimizer_state import local_optimizer_state
 from .loop_curriculum import LoopRepeatsCurriculum
 from .resume import resolve_arch
 
@@ -175,14 +176,19 @@ class Trainer:
             for m in hooked:
                 m.enable_forward_pre_hook()
 
-    def model_space_state(self) -> Dict[str, Any]:
-        """Model and optimizer sharded state dicts in model space (``fully_reshardable``),
-        with current weights: what a rebuilt model is filled from."""
+    def model_space_state(self, local_optimizer: bool = False) -> Dict[str, Any]:
+        """The model's sharded state dict (current weights: a pending ``--overlap-param-gather``
+        all-gather is finished first) and the optimizer's state in model space: the
+        ``fully_reshardable`` sharded state dict, or with ``local_optimizer`` this rank's shards
+        without any gather (:func:`~.optimizer_state.local_optimizer_state`).  What a rebuilt
+        model is filled from."""
         with self._params_synced():
             model_sd = checkpointing.model_sharded_state_dict(self.model)
+            if local_optimizer:
+                return {"model": model_sd, "optimizer": local_optimizer_state(self.optimizer, model_sd)}
             return {
                 "model": model_sd,
-                "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=checkpointing.OPTIM_METADATA),
+                "optimizer": self.optimizer.sharded_state_dict(model_sd, metadata=checkpointing.FULLY_RESHARDABLE),
             }
 
     def rebuild(self, arch: Arch, fill: Callable[[ModelStack], None]) -> None:
@@ -250,8 +256,14 @@ class Trainer:
         return meta
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, directory: Optional[str] = None, extra_metadata: Optional[Dict[str, Any]] = None) -> Optional[str]:
-        """Save a checkpoint of the current state to ``--save`` (or ``directory``); returns its path."""
+    def save(self, directory: Optional[str] = None, extra_metadata: Optional[Dict[str, Any]] = None,
+             optimizer_format: Optional[str] = None) -> Optional[str]:
+        """Save a checkpoint of the current state to ``--save`` (or ``directory``); returns its path.
+
+        ``optimizer_format``: the distributed optimizer's sharding (default: ``fully_reshardable``
+        with ``--dist-ckpt-optim-fully-reshardable``, else ``dp_reshardable``)."""
+        if optimizer_format is None:
+            optimizer_format = "fully_reshardable" if self.args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
         directory = directory or self.args.save
         if not directory:
             return None
@@ -264,6 +276,7 @@ class Trainer:
                 self.scheduler,
                 common={"state": self.state.to_dict()},
                 metadata={**self.checkpoint_metadata(), **(extra_metadata or {})},
+                optimizer_format=optimizer_format,
             )
 
     def _load(self) -> None:
