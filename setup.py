@@ -13,7 +13,7 @@ setup(
     package_data={"megatron_growloop.data": ["words_en.txt"]},
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.16.1",
+        "megatron-core>=0.16.1,<0.17",  # the tested range (tests/test_megatron_private_hooks.py)
         "numpy",
         "packaging",
         "tensorboard",

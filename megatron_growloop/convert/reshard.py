@@ -3,11 +3,13 @@
     torchrun --nproc_per_node 4 -m megatron_growloop.convert reshard --load CK --out CK2 \\
         --target-tensor-parallel-size 2 --target-pipeline-model-parallel-size 2
 
-torch_dist checkpoints already load at any TP/PP (megatron reshards on load, and our
-optimizer state is always saved ``fully_reshardable``); this command makes the
-re-partitioning explicit: the target ranks build the model and optimizer at the
-target layout (:func:`~megatron_growloop.training.factory.build_stack`), load model,
-optimizer state and counters through megatron's ``dist_checkpointing`` and save them again.  The LR-scheduler state, the counters and
+torch_dist checkpoints already load at any TP/PP (megatron reshards on load) when the
+distributed optimizer's state is in model space (``--dist-ckpt-optim-fully-reshardable``;
+the default ``dp_reshardable`` state loads only at the TP/PP it was written with).  This
+command makes the re-partitioning explicit: the target ranks build the model and optimizer
+at the target layout (:func:`~megatron_growloop.training.factory.build_stack`), load model,
+optimizer state and counters through megatron's ``dist_checkpointing`` and save them again,
+the optimizer ``fully_reshardable``.  The LR-scheduler state, the counters and
 ``growloop.json`` are carried over unchanged (only ``parallel`` changes); the per-rank
 RNG state cannot be re-partitioned and is the target ranks' freshly seeded one.
 """
@@ -101,6 +103,7 @@ def reshard(
             _FrozenScheduler(sched) if sched is not None else None,
             common=common.get("growloop") or {},
             metadata=keep,
+            optimizer_format="fully_reshardable",  # the re-partitioned checkpoint loads at any layout
         )
         if rank0:
             tok = Path(ckpt_dir) / "tokenizer"

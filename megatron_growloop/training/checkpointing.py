@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-from megatron.core.transformer.utils import make_sharded_object_for_checkpoint
 
 from ..errors import UsageError
 from .optimizer_state import ensure_optimizer_state, load_optimizer_state
@@ -144,31 +144,24 @@ def _parallel_layout() -> Dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------ state dicts
-# Per-layer objects a Transformer Engine model requests on load that a local-spec model does not
-# have (TE's attention keeps FP8 metadata there; None means "nothing recorded", like the local
-# linears' extra state).  Writing them lets every checkpoint load into either layer spec.
-TE_ONLY_EXTRA_STATE = ("self_attention.core_attention._extra_state",)
-
-
 def model_sharded_state_dict(model_chunks) -> Dict[str, Any]:
     assert len(model_chunks) == 1, "virtual pipeline stages are not supported"
     return unwrap(model_chunks[0]).sharded_state_dict()
 
 
-def _add_te_placeholders(model_chunks, sd: Dict[str, Any]) -> Dict[str, Any]:
-    """Add :data:`TE_ONLY_EXTRA_STATE` placeholders for local-spec layers (saving only), so the
-    checkpoint also loads into a Transformer Engine model."""
+def _absent_extra_state(ckpt: Path, model_sd: Dict[str, Any]) -> set:
+    """Names of requested ``*._extra_state`` objects the checkpoint does not hold.
 
-    model = unwrap(model_chunks[0])
-    num_layers = model.config.num_layers
-    out = dict(sd)
-    for local, layer in enumerate(model.decoder.layers):
-        g = layer.layer_number - 1
-        for name in TE_ONLY_EXTRA_STATE:
-            key = f"decoder.layers.{local}.{name}"
-            if key not in out:
-                out[key] = make_sharded_object_for_checkpoint(None, f"decoder.layers.{name}", [(0, g, num_layers)])
-    return out
+    Modules may carry extra state in one layer spec and not in another (Transformer
+    Engine's linears, attention and norms keep FP8 metadata there -- megatron-core builds
+    the final norm as ``TENorm`` whenever TE imports, even for the local spec).  Extra state
+    that a checkpoint never recorded loads as None ("nothing recorded"), so every checkpoint
+    loads into either spec, whatever modules carry extra state."""
+    wanted = {k: v for k, v in model_sd.items() if k.endswith("._extra_state") and isinstance(v, ShardedObject)}
+    if not wanted:
+        return set()
+    present = {k for k, v in load_sharded_metadata(str(ckpt)).items() if isinstance(v, ShardedObject)}
+    return {k for k, v in wanted.items() if v.unique_key not in present}
 
 
 def unwrap(module):
@@ -205,7 +198,7 @@ def save_checkpoint(
     dist.barrier()
 
     model_sd = model_sharded_state_dict(model_chunks)
-    state: Dict[str, Any] = {"model": _add_te_placeholders(model_chunks, model_sd)}
+    state: Dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_FORMATS[optimizer_format])
     if scheduler is not None:
@@ -273,7 +266,8 @@ def load_checkpoint(
     ckpt, _ = resolve_load_dir(load_dir)
     meta = json.loads((ckpt / META_NAME).read_text())
     model_sd = model_sharded_state_dict(model_chunks)
-    request: Dict[str, Any] = {"model": model_sd}
+    absent = _absent_extra_state(ckpt, model_sd)
+    request: Dict[str, Any] = {"model": {k: v for k, v in model_sd.items() if k not in absent}}
     load_optim = optimizer is not None and meta.get("has_optimizer", False)
     if load_optim and meta.get("distributed_optimizer", False) != _is_distributed_optimizer(optimizer):
         saved = "with" if meta.get("distributed_optimizer") else "without"
@@ -297,7 +291,7 @@ def load_checkpoint(
         raise UsageError(
             f"cannot load checkpoint {str(ckpt)!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         ) from None
-    unwrap(model_chunks[0]).load_state_dict(loaded["model"], strict=True)
+    unwrap(model_chunks[0]).load_state_dict({**loaded["model"], **{k: None for k in absent}}, strict=True)
     if load_optim:
         load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None and "opt_param_scheduler" in loaded and meta.get("has_optimizer", False):
