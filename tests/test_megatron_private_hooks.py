@@ -37,6 +37,11 @@ def test_private_hooks_exist_with_the_semantics_we_rely_on():
     # ``TransformerBlock``, which _decoder_block_class swaps for LoopedTransformerBlock.
     assert gpt_model.TransformerBlock is TransformerBlock
     assert "TransformerBlock(" in _source(gpt_model.GPTModel.__init__)
+    # model/gpt.py: GrowLoopGPTModel overrides the NVTE_* environment setter LanguageModule calls.
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    assert "self._set_attention_backend()" in _source(LanguageModule.__init__)
+    assert "NVTE_FLASH_ATTN" in _source(LanguageModule._set_attention_backend)
 
     # looping/block.py: full recomputation looks layers up through ``_get_layer`` (also while
     # recomputing in the backward), and the block's forward reads ``self.layers`` and

@@ -7,6 +7,7 @@ why any block of any model can be repeated at inference time.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import List, Optional, Sequence
 
@@ -28,6 +29,8 @@ from .config import GrowLoopConfig, build_transformer_config
 from .implementation import Implementation
 from .parallel import ParallelLayout
 from .rope import apply_llama3_rope_scaling
+
+NVTE_ATTENTION_VARIABLES = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
 
 
 @contextmanager
@@ -65,10 +68,29 @@ class GrowLoopGPTModel(GPTModel):
 
     config: GrowLoopConfig
 
-    def __init__(self, config: GrowLoopConfig, transformer_layer_spec, **kwargs):
+    def __init__(self, config: GrowLoopConfig, transformer_layer_spec, transformer_impl: str = "local", **kwargs):
+        self._transformer_impl = transformer_impl
         with _decoder_block_class(LoopedTransformerBlock):
             super().__init__(config, transformer_layer_spec, **kwargs)
         self.apply_schedule()
+
+    def _set_attention_backend(self):
+        """megatron-core steers Transformer Engine's attention through the process-global
+        ``NVTE_{FLASH,FUSED,UNFUSED}_ATTN`` variables and asserts when a later model wants other
+        values.  They only matter to TE: a local-spec model leaves them alone (so a converter or
+        evaluation run in the same process can still build a TE model), and a TE model that
+        conflicts with what an earlier one set gets one line instead of an assertion."""
+        if self._transformer_impl != "transformer_engine":
+            return
+        try:
+            super()._set_attention_backend()
+        except AssertionError:
+            current = {k: os.environ.get(k) for k in NVTE_ATTENTION_VARIABLES}
+            raise UsageError(
+                f"--attention-backend {self.config.attention_backend.name} conflicts with the attention backend "
+                f"already set in this process ({current}); use one attention backend per process, or unset "
+                "NVTE_FLASH_ATTN, NVTE_FUSED_ATTN and NVTE_UNFUSED_ATTN"
+            ) from None
 
     # ------------------------------------------------------------------ schedule API
     @property
@@ -134,6 +156,7 @@ def build_model(
     model = GrowLoopGPTModel(
         config,
         layer_spec(impl),
+        transformer_impl=impl.transformer_impl,
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,
         pre_process=pre_process,

@@ -11,7 +11,7 @@ translation into megatron-core ``TransformerConfig`` fields.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from megatron.core.transformer.enums import AttnBackend
@@ -54,6 +54,19 @@ class Implementation:
     def half(self) -> bool:
         """bf16 or fp16: the model is wrapped in megatron-core's ``Float16Module``."""
         return self.dtype != "fp32"
+
+    def describe(self) -> str:
+        """One phrase for start-up lines: layer implementation, attention backend, precision."""
+        attention = self.attention_backend if self.transformer_impl == "transformer_engine" else "local"
+        fp8 = f", FP8 {self.fp8_format}/{self.fp8_recipe}" if self.fp8_format else ""
+        return f"impl {self.transformer_impl}, attention {attention}, {self.dtype}{fp8}"
+
+    def warnings(self, cuda: bool, fallback: Optional[str] = None) -> List[str]:
+        """What a user on a GPU should not miss: a silent fallback, or fp32 where bf16 is the norm."""
+        out = [fallback] if fallback else []
+        if cuda and self.dtype == "fp32":
+            out.append("running in fp32 on a GPU: pass --bf16 (Megatron-LM's usual precision) unless fp32 is intended")
+        return out
 
     def config_kwargs(self) -> Dict[str, Any]:
         """megatron-core ``TransformerConfig`` fields for this implementation."""

@@ -291,8 +291,14 @@ def validate_args(args, world_size: int, resume: Optional[Dict[str, Any]] = None
             f"--rope-low-freq-factor {args.rope_low_freq_factor:g} and --rope-high-freq-factor "
             f"{args.rope_high_freq_factor:g}: Llama-3 RoPE scaling needs 0 < low < high"
         )
+    args.impl_fallback = None
     if args.transformer_impl is None:
         args.transformer_impl = "transformer_engine" if (planning or (has_cuda() and te_importable())) else "local"
+        if has_cuda() and args.transformer_impl == "local":
+            args.impl_fallback = "Transformer Engine is not importable: the local layer spec runs (pip install .[gpu])"
+    if args.transformer_impl == "transformer_engine" and args.attention_backend == "local":
+        # megatron/training/arguments.py: "--attention-backend local is only supported with --spec local"
+        raise UsageError("--attention-backend local is only supported with --transformer-impl local")
     if args.transformer_impl == "transformer_engine" and not planning and not te_importable():
         raise UsageError(
             "--transformer-impl transformer_engine: Transformer Engine is not importable here "

@@ -11,10 +11,12 @@ checkpoint is resharded on load).  Logits come back gathered over TP.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from megatron.core import parallel_state
 
+from .. import platform
 from ..data.tokenizer import build_tokenizer
 from ..errors import UsageError
 from ..looping.spec import RepeatBlock
@@ -22,7 +24,7 @@ from ..model.arch import Arch
 from ..model.gpt import GrowLoopGPTModel, build_inference_model
 from ..model.implementation import Implementation
 from . import checkpointing
-from .initialize import init_distributed
+from .initialize import init_distributed, is_rank0
 
 
 def checkpoint_arch(meta: Dict[str, Any], loop_repeats: Optional[int] = None) -> Arch:
@@ -54,6 +56,9 @@ def load_model(
     meta = checkpointing.read_metadata(ckpt)
     arch = checkpoint_arch(meta, loop_repeats)
     blocks = [RepeatBlock.parse(str(b), what="--repeat-block") for b in repeat_blocks]
+    if is_rank0():
+        for line in impl.warnings(platform.has_cuda()):
+            print(f"warning: {line} ({impl.describe()})", file=sys.stderr, flush=True)
     model = build_inference_model(arch, blocks, impl)
     checkpointing.load_checkpoint(meta["_dir"], [model], load_rng=False)
     tok = None

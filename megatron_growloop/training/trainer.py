@@ -424,7 +424,7 @@ class Trainer:
             f"ffn {arch.ffn_hidden_size}, vocab {arch.padded_vocab_size}; unique parameters {s['unique_parameters']:,}; "
             f"inference {s['inference_flops_per_token'] / 1e9:.3f} GFLOP/token; "
             f"parallel TP={self.layout.tp} PP={self.layout.pp} "
-            f"DP={parallel_state.get_data_parallel_world_size()}; impl {a.transformer_impl}; "
+            f"DP={parallel_state.get_data_parallel_world_size()}; {self.impl.describe()}; "
             f"device {'cuda' if platform.has_cuda() else 'cpu'}"
         )
 
@@ -451,6 +451,8 @@ class Trainer:
         logger = MetricsLogger(self.is_logging_rank, a.tensorboard_dir, a.train_iters, self.state.iteration)
         self.logger = logger
         logger.text(self.describe())
+        for line in self.impl.warnings(platform.has_cuda(), getattr(a, "impl_fallback", None)):
+            logger.text(f"warning: {line}")
         for c in self.controllers:
             line = c.describe()
             if line:
