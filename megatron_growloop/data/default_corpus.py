@@ -15,6 +15,7 @@ import json
 import os
 import random
 import shutil
+import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -79,14 +80,15 @@ def _key(tokenizer) -> str:
 def default_data_prefix(tokenizer, build: bool = True) -> str:
     """Prefix of the default indexed dataset for ``tokenizer``, building it if needed.
 
-    Safe when several processes call it at once: each builds in its own temporary
-    directory and the first to finish publishes it with an atomic rename.
+    Safe when several processes call it at once, on one node or on several sharing the
+    cache directory: each builds in its own temporary directory (host and pid in its name)
+    and the first to finish publishes it with an atomic rename.
     """
     root = cache_dir() / "default_data" / _key(tokenizer)
     prefix = str(root / "default_text_document")
     if dataset_exists(prefix) or not build:
         return prefix
-    tmp = Path(f"{root}.tmp{os.getpid()}")
+    tmp = Path(f"{root}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     jsonl = tmp / "default.jsonl"

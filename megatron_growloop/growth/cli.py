@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from ..errors import UsageError
@@ -59,10 +60,22 @@ def validate_growth_args(args) -> None:
         raise UsageError("--grow-method needs --grow-final-layers and --grow-iters")
     if args.loop or args.retrofit_loop:
         raise UsageError("growing a looped model is not supported: drop --loop/--retrofit-loop or --grow-method")
+    if getattr(args, "cuda_graph_impl", "none") not in (None, "none"):
+        raise UsageError(
+            "--cuda-graph-impl with --grow-method: CUDA graphs are captured for one model and a growth step "
+            "rebuilds it (the graphs are not re-captured); use --cuda-graph-impl none"
+        )
     if getattr(args, "pipeline_model_parallel_layout", None):
         raise UsageError(
             "--pipeline-model-parallel-layout is fixed to one depth; drop it with --grow-method "
             "(growth balances the layers over the pipeline stages at every depth)"
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if (args.grow_transfer == "checkpoint" and not args.grow_scratch_dir and not args.save
+            and int(os.environ.get("LOCAL_WORLD_SIZE", str(world))) != world):
+        raise UsageError(
+            "--grow-transfer checkpoint on several nodes writes its scratch checkpoint under --save (every rank "
+            "must read it): give --save or a shared --grow-scratch-dir"
         )
     plan = plan_from_args(args)
     last = plan.growth_iterations[-1]

@@ -27,6 +27,7 @@ class Implementation:
     fp8_format: Optional[str] = None
     fp8_recipe: str = "delayed"
     cuda_graph_impl: str = "none"
+    cuda_graph_warmup_steps: int = 3
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
@@ -41,6 +42,7 @@ class Implementation:
             fp8_format=getattr(args, "fp8_format", None),
             fp8_recipe=getattr(args, "fp8_recipe", None) or "delayed",
             cuda_graph_impl=getattr(args, "cuda_graph_impl", None) or "none",
+            cuda_graph_warmup_steps=int(getattr(args, "cuda_graph_warmup_steps", 3)),
             recompute_granularity=getattr(args, "recompute_granularity", None),
             recompute_method=getattr(args, "recompute_method", None) if full else None,
             recompute_num_layers=getattr(args, "recompute_num_layers", None) if full else None,
@@ -91,4 +93,5 @@ class Implementation:
             kw["attention_backend"] = AttnBackend.local
         if self.cuda_graph_impl not in (None, "none"):
             kw["cuda_graph_impl"] = self.cuda_graph_impl
+            kw["cuda_graph_warmup_steps"] = self.cuda_graph_warmup_steps
         return kw

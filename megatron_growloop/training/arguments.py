@@ -78,7 +78,12 @@ def build_parser(prog: str = "megatron_growloop.pretrain",
     g.add_argument("--attention-backend", choices=["flash", "fused", "unfused", "local", "auto"], default="auto")
     g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None)
     g.add_argument("--fp8-recipe", choices=["tensorwise", "delayed", "mxfp8", "blockwise"], default="delayed")
-    g.add_argument("--cuda-graph-impl", choices=["none", "local", "transformer_engine"], default="none")
+    g.add_argument("--cuda-graph-impl", choices=["none", "local", "transformer_engine"], default="none",
+                   help="CUDA graphs of the transformer layers (GPU; not with loops or growth)")
+    g.add_argument("--cuda-graph-warmup-steps", type=int, default=3,
+                   help="training steps before the graphs are captured (megatron-core's default)")
+    g.add_argument("--te-rng-tracker", action="store_true",
+                   help="Transformer Engine's RNG tracker (turned on for CUDA graphs as Megatron-LM does)")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
 
@@ -308,6 +313,13 @@ def validate_args(args, world_size: int, resume: Optional[Dict[str, Any]] = None
         raise UsageError("--fp8-format needs --transformer-impl transformer_engine")
     for validate in extra_validators:
         validate(args)
+    if args.cuda_graph_impl != "none":
+        if not has_cuda():
+            raise UsageError(f"--cuda-graph-impl {args.cuda_graph_impl} needs a GPU (CUDA graphs); use --cuda-graph-impl none")
+        if args.cuda_graph_impl == "transformer_engine" and not te_importable():
+            raise UsageError("--cuda-graph-impl transformer_engine needs Transformer Engine (pip install .[gpu])")
+        if args.cuda_graph_warmup_steps < 0:
+            raise UsageError(f"--cuda-graph-warmup-steps must be >= 0, got {args.cuda_graph_warmup_steps}")
     if pp > 1 and args.pipeline_model_parallel_layout:
         # a user-given stage boundary must not cut a recurrent block (checked before anything is built)
         sizes = stage_sizes_from_layout(args.pipeline_model_parallel_layout, pp)

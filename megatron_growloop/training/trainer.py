@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from contextlib import contextmanager
@@ -44,8 +45,9 @@ from ..model.parallel import ParallelLayout
 from . import checkpointing
 from .arguments import Launch
 from .controller import Controller
+from .cuda_graphs import TECudaGraphs
 from .factory import ModelStack, OptimizerSettings, build_scheduler, build_stack
-from .initialize import init_distributed
+from .initialize import init_distributed, rng_options
 from .logger import MetricsLogger
 from .optimizer_state import local_optimizer_state
 from .loop_curriculum import LoopRepeatsCurriculum
@@ -118,6 +120,7 @@ class Trainer:
             backend=args.distributed_backend,
             timeout_minutes=args.distributed_timeout_minutes,
             seed=args.seed,
+            **rng_options(args),
         )
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -137,6 +140,8 @@ class Trainer:
         self.controllers: List[Controller] = list(controllers)
         if args.loop_repeats_curriculum:
             self.controllers.append(LoopRepeatsCurriculum(args.loop_repeats_curriculum))
+        if self.impl.cuda_graph_impl == "transformer_engine":
+            self.controllers.append(TECudaGraphs(args.cuda_graph_warmup_steps))
         self._grad_sync_layers = None
 
     # ------------------------------------------------------------------ the model stack
@@ -315,7 +320,10 @@ class Trainer:
             if a.data_path:
                 blend = parse_blend(a.data_path)
             else:
-                if dist.get_rank() == 0:
+                # The cache (~/.cache/megatron_growloop, or $MEGATRON_GROWLOOP_CACHE) is per node unless
+                # it is on a shared file system: every node's local rank 0 builds it (concurrent
+                # builds publish atomically), the other ranks wait.
+                if int(os.environ.get("LOCAL_RANK", "0")) == 0:
                     default_data_prefix(self.tokenizer)
                 dist.barrier()
                 blend = ([default_data_prefix(self.tokenizer, build=False)], None)
