@@ -189,7 +189,7 @@ class GrowthController(Controller):
         self.last_growth = {"steps": list(steps), "old_depth": old_depth, "new_depth": new_arch.num_layers,
                             "src": src, "transfer": transfer.name, "transfer_stats": stats, **times}
         if isinstance(transfer, MemoryTransfer):
-            self.last_growth["max_buffer_bytes"] = transfer.store.max_buffer_bytes
+            self.last_growth.update(max_buffer_bytes=transfer.store.max_buffer_bytes, host_bytes=transfer.host_bytes)
         self._log_event(trainer, steps, old_depth, src, times, f"{transfer.name} transfer, {stats}")
         if self.options.dump_dir:  # inspection: model-space optimizer state, comparable layer by layer
             trainer.save(os.path.join(self.options.dump_dir, f"step_{steps[-1] + 1}"),

@@ -65,15 +65,22 @@ class ShardStore:
         self.max_buffer_bytes = 0
         self.exchanged_bytes = 0
         self.exchanged_pieces = 0
+        self.held_bytes = 0
+        """Bytes of the pieces this rank holds (its own and those received)."""
+        self.fresh_bytes = 0
+        """Bytes of the tensors handed out as new tensors (a second copy of one old layer, or a
+        range assembled from several pieces), transient ones not counted."""
 
     # ------------------------------------------------------------------ holding
     def put(self, tid: TensorId, start: int, stop: int, tensor: torch.Tensor) -> None:
         flat = tensor.detach().reshape(-1)
         if flat.numel() != stop - start:
             raise ValueError(f"piece [{start}, {stop}) of {tid[1]} has {flat.numel()} elements")
-        # keep no reference to device memory of the model being torn down
-        flat = flat.to("cpu", copy=True) if flat.device.type != "cpu" else flat
+        # an own copy on the host: no reference to the old model's (device) memory, and exactly the
+        # piece's bytes (a view would keep a whole DDP buffer alive)
+        flat = flat.to("cpu", copy=True)
         self.pieces.setdefault(tid, []).append((start, stop, flat))
+        self.held_bytes += flat.numel() * flat.element_size()
 
     def put_object(self, oid: Tuple, value: Any) -> None:
         self.objects.setdefault(oid, value)
@@ -93,24 +100,29 @@ class ShardStore:
             gaps.append((p, b))
         return gaps
 
-    def get(self, tid: TensorId, a: int, b: int) -> torch.Tensor:
+    def get(self, tid: TensorId, a: int, b: int, transient: bool = False) -> torch.Tensor:
         """The flat tensor ``[a, b)`` of ``tid``; each call returns a tensor the caller owns
-        (several new layers may copy one old layer; each copy needs its own moments)."""
+        (several new layers may copy one old layer; each copy needs its own moments).
+        ``transient``: the caller drops it right away (not counted in :attr:`fresh_bytes`)."""
         found = sorted(self.pieces.get(tid, []), key=lambda x: x[0])
         for s, e, t in found:
             if (s, e) == (a, b):
                 key = (tid, a, b)
-                if key in self._handed_out:
-                    return t.clone()
-                self._handed_out.add(key)
-                return t
-        if self._gaps(tid, a, b) or not found:
-            raise RuntimeError(f"growth transfer lacks [{a}, {b}) of {tid[1]}")
-        out = torch.empty(b - a, dtype=found[0][2].dtype)
-        for s, e, t in found:
-            lo, hi = max(a, s), min(b, e)
-            if lo < hi:
-                out[lo - a:hi - a] = t[lo - s:hi - s]
+                if key not in self._handed_out:
+                    self._handed_out.add(key)
+                    return t
+                out = t.clone()
+                break
+        else:
+            if self._gaps(tid, a, b) or not found:
+                raise RuntimeError(f"growth transfer lacks [{a}, {b}) of {tid[1]}")
+            out = torch.empty(b - a, dtype=found[0][2].dtype)
+            for s, e, t in found:
+                lo, hi = max(a, s), min(b, e)
+                if lo < hi:
+                    out[lo - a:hi - a] = t[lo - s:hi - s]
+        if not transient:
+            self.fresh_bytes += out.numel() * out.element_size()
         return out
 
     def get_object(self, oid: Tuple) -> Any:
@@ -125,7 +137,7 @@ class ShardStore:
     def exchange(self, wants: Iterable[Want], want_objects: Iterable[Tuple] = ()) -> None:
         """Fetch what this rank wants but does not hold (collective over all ranks)."""
         world, me = dist.get_world_size(), dist.get_rank()
-        missing = [(tid, lo, hi) for tid, a, b in wants for lo, hi in self._gaps(tid, a, b)]
+        missing = sorted({(tid, lo, hi) for tid, a, b in wants for lo, hi in self._gaps(tid, a, b)}, key=repr)
         missing_objects = sorted({o for o in want_objects if o not in self.objects}, key=repr)
         needs: List[Any] = [None] * world
         dist.all_gather_object(needs, (missing, missing_objects))

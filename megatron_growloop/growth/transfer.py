@@ -103,15 +103,22 @@ class MemoryTransfer:
         stack.model.load_state_dict(loaded["model"], strict=True)
         load_local_optimizer_state(
             stack.optimizer, request, self._optimizer_common,
-            fetch=lambda meta, name, a, b: self.store.get((name,) + tensor_id(meta), a, b),
+            fetch=lambda meta, name, a, b: self.store.get((name,) + tensor_id(meta), a, b, transient=True),
             sharded=loaded.get("optimizer_sharded") or {},
         )
 
+    @property
+    def host_bytes(self) -> int:
+        """Host memory the transfer holds at its peak (after filling): pieces held and received,
+        plus the extra copies it handed out."""
+        return self.store.held_bytes + self.store.fresh_bytes
+
     def stats(self) -> str:
         s = self.store
-        if not s.exchanged_pieces and not s.max_buffer_bytes:
-            return "no exchange"
-        return (f"{s.exchanged_pieces} pieces received ({s.exchanged_bytes / 2**20:.1f} MiB), "
+        held = f"holds {self.host_bytes / 2**20:.1f} MiB"
+        if not s.exchanged_pieces:
+            return f"{held}, no exchange"
+        return (f"{held}, {s.exchanged_pieces} pieces received ({s.exchanged_bytes / 2**20:.1f} MiB), "
                 f"largest buffer {s.max_buffer_bytes} B")
 
     def cleanup(self, collective: bool = True) -> None:

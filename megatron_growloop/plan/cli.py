@@ -99,6 +99,7 @@ def setup_from_launch(launch: Launch, gpus: int, padded_vocab_size: Optional[int
         growth=plan_from_args(args),
         train_iters=args.train_iters,
         device=device,
+        grow_transfer="checkpoint" if getattr(args, "grow_transfer", None) == "checkpoint" else "memory",
     )
 
 

@@ -48,6 +48,8 @@ class RunSetup:
     train_iters: Optional[int] = None
     device: str = "cuda"
     """``cuda`` for GPU runs; ``cpu`` plans the CPU kernels (the tests measure there)."""
+    grow_transfer: str = "memory"
+    """How growth steps carry the state (``--grow-transfer``): ``memory`` or ``checkpoint``."""
 
     def __post_init__(self):
         if self.dp < 1:

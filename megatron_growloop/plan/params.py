@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from math import ceil, lcm
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..errors import UsageError
 from ..model.arch import Arch
@@ -109,10 +109,37 @@ def unique_params(arch: Arch) -> int:
     return count(stage_tensors(arch, 1, 1, 0, None))
 
 
-def grad_buffer_numel(tensors: Sequence[ParamTensor], dp: int, distributed_optimizer: bool,
-                      bucket_size: Optional[int]) -> Tuple[int, int]:
-    """``(numel, numel_unpadded)`` of megatron-core DDP's contiguous grad (and, with the distributed
-    optimizer, param) buffer for these parameters (one dtype).
+@dataclass(frozen=True)
+class BufferLayout:
+    """Where megatron-core DDP's contiguous buffer places each parameter, and its buckets."""
+
+    params: Tuple[Tuple[str, int, int], ...]
+    """``(name, start, end)`` element offsets of every parameter."""
+    buckets: Tuple[Tuple[int, int], ...]
+    """``(start, end)`` of every bucket (padded to a multiple of lcm(DP, 128) with the distributed optimizer)."""
+    numel: int
+    numel_unpadded: int
+
+    def dp_ranges(self, dp: int, dp_rank: int) -> Dict[str, Tuple[int, int]]:
+        """With the distributed optimizer: the ``[lo, hi)`` elements of each parameter (within the
+        parameter) that data-parallel rank ``dp_rank`` owns -- each bucket is split into ``dp``
+        equal slices (``DistributedOptimizer._build_model_gbuf_range``)."""
+        out = {}
+        for b_start, b_end in self.buckets:
+            size = (b_end - b_start) // dp
+            lo_r, hi_r = b_start + dp_rank * size, b_start + (dp_rank + 1) * size
+            for name, p_start, p_end in self.params:
+                if b_start <= p_start < b_end:
+                    lo, hi = max(p_start, lo_r), min(p_end, hi_r)
+                    if lo < hi:
+                        out[name] = (lo - p_start, hi - p_start)
+        return out
+
+
+def buffer_layout(tensors: Sequence[ParamTensor], dp: int, distributed_optimizer: bool,
+                  bucket_size: Optional[int]) -> BufferLayout:
+    """megatron-core DDP's contiguous grad (and, with the distributed optimizer, param) buffer for
+    these parameters (one dtype).
 
     Follows ``_ParamAndGradBuffer.__init__`` (``megatron/core/distributed/param_and_grad_buffer.py``):
     parameters in reverse order; with the distributed optimizer every parameter starts at a
@@ -124,11 +151,8 @@ def grad_buffer_numel(tensors: Sequence[ParamTensor], dp: int, distributed_optim
         return int(ceil(n / d) * d)
 
     div = lcm(dp, 128)
-    start = 0
-    bucket_start = 0
-    in_bucket = 0
-    unpadded = 0
-    end = 0
+    start = bucket_start = in_bucket = unpadded = end = 0
+    params, buckets = [], []
     for t in reversed(list(tensors)):
         if distributed_optimizer:
             start = pad(start, 64)
@@ -136,18 +160,29 @@ def grad_buffer_numel(tensors: Sequence[ParamTensor], dp: int, distributed_optim
         if new_bucket and in_bucket:
             unpadded += start - bucket_start
             start = pad(start, div) if distributed_optimizer else start
+            buckets.append((bucket_start, start))
             bucket_start, in_bucket = start, 0
         end = start + t.numel
+        params.append((t.name, start, end))
         in_bucket += 1
         if (bucket_size is not None and end - bucket_start >= bucket_size) or new_bucket:
             unpadded += end - bucket_start
             start = pad(end, div) if distributed_optimizer else end
+            buckets.append((bucket_start, start))
             bucket_start, in_bucket = start, 0
         else:
             start = end
     if in_bucket:
         unpadded += end - bucket_start
         end = pad(end, div) if distributed_optimizer else end
+        buckets.append((bucket_start, end))
     else:
         end = bucket_start
-    return end, unpadded
+    return BufferLayout(tuple(params), tuple(buckets), end, unpadded)
+
+
+def grad_buffer_numel(tensors: Sequence[ParamTensor], dp: int, distributed_optimizer: bool,
+                      bucket_size: Optional[int]) -> Tuple[int, int]:
+    """``(numel, numel_unpadded)`` of megatron-core DDP's contiguous buffer (:func:`buffer_layout`)."""
+    layout = buffer_layout(tensors, dp, distributed_optimizer, bucket_size)
+    return layout.numel, layout.numel_unpadded
