@@ -6,7 +6,7 @@
 # stages are re-balanced; see docs/growth.md.
 #
 # PP4 is fixed; LAYOUT is what `PLAN=search bash examples/lidas_llama3_4b_to_8b_pp4.sh` ranks
-# first with it: TP2 x DP4 with sequence parallelism, no recomputation, 37.8 GB peak per GPU over
+# first with it: TP2 x DP4 with sequence parallelism, no recomputation, 30.0 GB peak per GPU over
 # all growth stages and steps (planner; tests/test_plan_examples.py).
 #
 #   TOKENIZER=/models/Llama-3.1-8B DATA=/data/corpus_text_document NODE_RANK=0 MASTER_ADDR=node0 \

@@ -2,7 +2,7 @@
 # Llama-3.1-8B pretraining on 8 nodes of 8 x H100 80GB (64 GPUs; seq 8192, 512 x 8192 = 4M tokens/step).
 #
 # LAYOUT is what `PLAN=search bash examples/llama3_8b_64xh100.sh` ranks first: TP2 x DP32 with
-# sequence parallelism and no recomputation, 56.2 GB peak per GPU (planner; tests/test_plan_examples.py).
+# sequence parallelism and no recomputation, 48.4 GB peak per GPU (planner; tests/test_plan_examples.py).
 # Run on every node (NODE_RANK=0..7, MASTER_ADDR=<node 0>), or adapt examples/slurm_pretrain.sbatch.
 #
 #   TOKENIZER=/models/Llama-3.1-8B DATA=/data/corpus_text_document NODE_RANK=0 MASTER_ADDR=node0 \

@@ -2,7 +2,7 @@
 # Llama-3.1-8B pretraining on one node of 8 x H100 80GB (seq 8192, 128 x 8192 = 1M tokens/step).
 #
 # LAYOUT is what `PLAN=search bash examples/llama3_8b_8xh100.sh` ranks first: TP2 (within the
-# node) x DP4 with sequence parallelism and no recomputation, 66.8 GB peak per GPU (planner);
+# node) x DP4 with sequence parallelism and no recomputation, 59.0 GB peak per GPU (planner);
 # tests/test_plan_examples.py keeps it so.  Check before booking: PLAN=1 bash examples/llama3_8b_8xh100.sh
 #
 #   TOKENIZER=/models/Llama-3.1-8B DATA=/data/corpus_text_document bash examples/llama3_8b_8xh100.sh

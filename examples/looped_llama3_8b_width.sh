@@ -3,9 +3,9 @@
 # middle block of 8 layers applied 3 times, effective depth 32 (the FLOPs of the 8B per token),
 # on 8 nodes of 8 x H100 80GB.  See docs/looping.md for the loop notation.
 #
-# LAYOUT is what `PLAN=search bash examples/looped_llama3_8b_width.sh` ranks first: TP2 x DP32
-# with sequence parallelism, no recomputation, 45.1 GB peak per GPU -- the loop's 24 block
-# applications each keep their activations (planner; tests/test_plan_examples.py).
+# LAYOUT is what `PLAN=search bash examples/looped_llama3_8b_width.sh` ranks first: TP1 x DP64,
+# no recomputation, 73.8 GB peak per GPU -- the loop's 24 block applications each keep their
+# activations; SDPA attention keeps no s x s scores (planner; tests/test_plan_examples.py).
 #
 #   TOKENIZER=/models/Llama-3.1-8B DATA=/data/corpus_text_document NODE_RANK=0 MASTER_ADDR=node0 \
 #       bash examples/looped_llama3_8b_width.sh
@@ -20,5 +20,5 @@ ARGS=(
   --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0
   --save "$SAVE" --load "$SAVE" --save-interval 2000 --log-interval 10
 )
-LAYOUT=(--tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --sequence-parallel)
+LAYOUT=(--tensor-model-parallel-size 1 --pipeline-model-parallel-size 1)
 source "$(dirname "$0")/_plan_or_run.sh"

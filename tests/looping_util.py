@@ -23,7 +23,7 @@ def tiny_arch(num_layers: int, loop=None, **extra):
 
 def build(num_layers: int, loop=None, repeat_blocks: Sequence[str] = (), seed: int = 0, **extra):
     """A seeded :class:`GrowLoopGPTModel` (PP=1) with the tiny preset's width; ``extra``:
-    architecture fields, or ``recompute_*`` implementation settings."""
+    architecture fields, or implementation settings (``recompute_*``, ``attention_backend``, ...)."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from megatron_growloop.looping.spec import RepeatBlock
@@ -31,7 +31,7 @@ def build(num_layers: int, loop=None, repeat_blocks: Sequence[str] = (), seed: i
     from megatron_growloop.model.implementation import Implementation
     from megatron_growloop.model.parallel import ParallelLayout
 
-    impl = {k: extra.pop(k) for k in list(extra) if k.startswith("recompute_")}
+    impl = {k: extra.pop(k) for k in list(extra) if k in Implementation.__dataclass_fields__}
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
     return build_model(tiny_arch(num_layers, loop, **extra), ParallelLayout(), Implementation(**impl),

@@ -7,12 +7,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from megatron_growloop import accounting
 from megatron_growloop.model.arch import Arch
 from megatron_growloop.model.gpt import build_model
+from megatron_growloop.model.implementation import Implementation
+from megatron_growloop.model.parallel import ParallelLayout
 
 
 def _model(num_layers: int, loop, vocab: int):
+    # Unfused attention: FlopCounterMode counts its explicit score/context matmuls, while it has no
+    # formula for torch's CPU flash-attention kernel (it counts SDPA on CPU as 0 FLOPs).
     return build_model(Arch(num_layers=num_layers, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                             ffn_hidden_size=176, kv_channels=16, seq_length=32, max_position_embeddings=64,
-                            padded_vocab_size=vocab, loop=loop))
+                            padded_vocab_size=vocab, loop=loop), ParallelLayout(),
+                       Implementation(attention_backend="unfused"))
 
 
 @pytest.mark.parametrize("loop,layers", [(None, 3), ("1-1x3-1", 3)])

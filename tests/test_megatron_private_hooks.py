@@ -7,8 +7,10 @@ training run.  When you use a new private attribute, add it to this file.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
+import pytest
 from packaging.version import Version
 
 TESTED = (Version("0.16.1"), Version("0.17"))
@@ -88,3 +90,53 @@ def test_rotary_embedding_apply_scaling_takes_all_llama3_factors():
     params = inspect.signature(RotaryEmbedding._apply_scaling).parameters
     for name in ("freqs", "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
         assert name in params, name
+
+
+# Module globals and methods read, called or replaced by issue 13's fast path (the hooks above are
+# checked with their semantics): (module, attribute, who uses it and why)
+HOOKS = [
+    ("megatron.core.optimizer.clip_grads", "multi_tensor_scale_impl",
+     "training/fused_optimizer.py: replaced by a torch._foreach version when it is megatron's fallback"),
+    ("megatron.core.optimizer.clip_grads", "l2_norm_impl", "training/fused_optimizer.py: as above"),
+    ("megatron.core.optimizer.optimizer", "multi_tensor_scale_impl", "training/fused_optimizer.py: as above"),
+    ("megatron.core.utils", "local_multi_tensor_scale",
+     "training/fused_optimizer.py: identifies the fallback it replaces"),
+    ("megatron.core.utils", "local_multi_tensor_l2_norm", "training/fused_optimizer.py: as above"),
+    ("megatron.core.transformer.dot_product_attention.DotProductAttention", "forward",
+     "model/attention.py: SDPAttention's fallback for softmax offsets and sliding windows"),
+    ("megatron.core.fusions.fused_softmax.FusedScaleMaskSoftmax", "forward_torch_softmax",
+     "model/attention.py: reads .scale and .window_size set by this module's __init__"),
+]
+
+
+def _resolve(path: str):
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ImportError(path)
+
+
+@pytest.mark.parametrize("owner,name,why", HOOKS, ids=[f"{o.rsplit('.', 1)[-1]}.{n}" for o, n, _ in HOOKS])
+def test_private_hook_exists(owner, name, why):
+    assert hasattr(_resolve(owner), name), f"megatron-core no longer has {owner}.{name} ({why})"
+
+
+def test_dot_product_attention_keeps_the_attributes_sdpa_reads(dist_1rank):
+    """SDPAttention reuses DotProductAttention.__init__ and reads what it sets."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from looping_util import tiny_arch
+    from megatron_growloop.model.config import build_transformer_config
+
+    core = DotProductAttention(build_transformer_config(tiny_arch(2)), 1, AttnMaskType.causal, "self")
+    for name in ("softmax_scale", "softmax_offset", "attention_dropout", "attn_mask_type",
+                 "hidden_size_per_partition"):
+        assert hasattr(core, name), name
+    assert hasattr(core.scale_mask_softmax, "scale") and hasattr(core.scale_mask_softmax, "window_size")

@@ -115,8 +115,6 @@ def test_search_ranks_fitting_layouts_by_step_time():
     (["--gpus", "64", "--pipeline-model-parallel-size", "64"], ["32", "64"]),
     (["--gpus", "8", "--virtual-pipeline-model-parallel-size", "2"], ["virtual pipeline"]),
     (["--search"], ["--search needs --gpus"]),
-    (["--gpus", "2", "--tensor-model-parallel-size", "2", "--sequence-parallel", "--transformer-impl", "local"],
-     ["--sequence-parallel", "transformer_engine"]),
     (["--gpus", "8", "--assume-mfu", "1.5"], ["--assume-mfu"]),
     (["--gpus", "2", "--loop", "4-8x3-4", "--pipeline-model-parallel-size", "2",
       "--pipeline-model-parallel-layout", "Et*6|t*10L"], ["Et*6|t*10L", "within one stage"]),

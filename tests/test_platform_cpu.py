@@ -102,3 +102,41 @@ def test_backward_pass_keeps_cuda_requests_mapped():
     assert seen == ["cpu", "cpu", "cpu"]
     assert torch.equal(x.grad, torch.full((3,), 4.0))
 
+
+
+def test_ordinary_ops_are_not_intercepted():
+    """Only calls that must be rewritten are wrapped: no torch-function mode sees every op
+    (it made each small op ~60% more expensive), and compute functions are the originals."""
+    platform.setup()
+    assert not torch.overrides._get_current_function_mode_stack()
+    for name in ("matmul", "add", "softmax", "cat"):
+        assert not hasattr(getattr(torch, name), "__wrapped__"), name
+    assert hasattr(torch.empty, "__wrapped__") and hasattr(torch.Tensor.to, "__wrapped__")
+
+
+def test_tensor_methods_and_new_factories_map_devices():
+    platform.setup()
+    x = torch.ones(2)
+    assert x.to(device="cuda").device.type == "cpu"
+    assert x.to("cuda", torch.float64).dtype == torch.float64
+    assert x.to(torch.device("cuda", 0), non_blocking=True).device.type == "cpu"
+    assert x.new_zeros(3, device="cuda").device.type == "cpu"
+    assert x.new_tensor([1.0], device=0).device.type == "cpu"
+    assert torch.zeros(2, pin_memory=True).device.type == "cpu"
+    assert x.to(torch.float16).dtype == torch.float16  # dtype-only conversions untouched
+
+
+def test_meta_device_context_reaches_wrapped_factories():
+    """torch.device("meta") (used by transformers' from_pretrained) must still put factory results
+    on the meta device when the CPU layer was installed before torch cached its constructor table."""
+    from torch.utils import _device
+
+    platform.setup()
+    cpu.deactivate()
+    _device._device_constructors.cache_clear()
+    cpu.activate()
+    with torch.device("meta"):
+        assert torch.tensor([1.0]).is_meta
+        assert torch.arange(3).is_meta
+        assert torch.empty(2).is_meta
+    assert not torch.tensor([1.0]).is_meta

@@ -4,6 +4,12 @@ With ``use_cache=True`` a megatron-core ``StaticInferenceContext`` holds the KV
 cache; the looped block gives every *application* of a layer its own cache slot
 (see :mod:`megatron_growloop.looping.block`), so a looped or block-repeated
 model decodes exactly as it computes without a cache.
+
+The decoding loop keeps per-token work outside the model to a minimum: it runs under
+``torch.inference_mode`` (cheaper dispatch than ``no_grad`` for the many small ops of a
+one-token step), writes tokens into one preallocated buffer, slices positions from one
+precomputed range, and reads the stop condition back to the host only every
+:data:`STOP_CHECK_INTERVAL` tokens (each read is a device synchronisation on a GPU).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from megatron.core import parallel_state
 from megatron.core.inference.contexts import StaticInferenceContext
 
 from ..errors import UsageError
+
+STOP_CHECK_INTERVAL = 8
 
 
 def _check_pp() -> None:
@@ -38,7 +46,6 @@ def logits(model, tokens: torch.Tensor) -> torch.Tensor:
         model.train(was_training)
 
 
-@torch.no_grad()
 def greedy_generate(
     model,
     prompt: torch.Tensor,
@@ -50,7 +57,8 @@ def greedy_generate(
     """Greedy continuation of ``prompt`` (``[batch, seq]`` token ids); returns ``[batch, seq+new]``.
 
     ``vocab_size`` masks padded vocabulary rows out of the argmax.  Generation stops early
-    when every sequence has produced ``stop_token``.
+    when every sequence has produced ``stop_token`` (later positions of a finished sequence
+    hold ``stop_token``).
     """
     _check_pp()
     if prompt.dim() == 1:
@@ -63,37 +71,46 @@ def greedy_generate(
         )
     was_training = model.training
     model.eval()
-    out = prompt
-    done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
-
-    def pick(last_logits: torch.Tensor) -> torch.Tensor:
-        if vocab_size is not None:
-            last_logits = last_logits[..., :vocab_size]
-        return last_logits.argmax(dim=-1)
-
     try:
-        if use_cache:
-            ctx = StaticInferenceContext(b, s + max_new_tokens)
-
-            def step(seq: torch.Tensor) -> torch.Tensor:
-                # prefill the prompt once, then feed only the newest token; the cache keeps the rest
-                new = seq[:, ctx.sequence_len_offset:]
-                pos = _positions(ctx.sequence_len_offset, new.shape[1], b, seq.device)
-                step_logits = model(new, pos, None, inference_context=ctx, runtime_gather_output=True)
-                ctx.sequence_len_offset += new.shape[1]
-                return step_logits[:, -1, :]
-        else:
-            def step(seq: torch.Tensor) -> torch.Tensor:
-                return model(seq, _positions(0, seq.shape[1], b, seq.device), None)[:, -1, :]
-
-        filler = torch.full((b,), stop_token if stop_token is not None else 0, dtype=prompt.dtype, device=prompt.device)
-        for _ in range(max_new_tokens):
-            nxt = torch.where(done, filler, pick(step(out)))
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            if stop_token is not None:
-                done |= nxt == stop_token
-                if bool(done.all()):
-                    break
+        with torch.inference_mode():
+            out, written = _decode(model, prompt, max_new_tokens, use_cache, stop_token, vocab_size)
     finally:
         model.train(was_training)
-    return out
+    return out[:, :written].clone()  # a normal tensor (inference tensors refuse autograd and in-place use)
+
+
+def _decode(model, prompt, max_new_tokens, use_cache, stop_token, vocab_size):
+    b, s = prompt.shape
+    total = s + max_new_tokens
+    out = torch.empty(b, total, dtype=prompt.dtype, device=prompt.device)
+    out[:, :s] = prompt
+    positions = _positions(0, total, b, prompt.device)
+    done = torch.zeros(b, dtype=torch.bool, device=prompt.device)
+    ctx = StaticInferenceContext(b, total) if use_cache else None
+    written = s
+    for t in range(s, total):
+        if ctx is None:
+            step_logits = model(out[:, :t], positions[:, :t], None)
+        else:
+            # prefill the prompt once, then feed only the newest token; the cache keeps the rest
+            start = ctx.sequence_len_offset
+            step_logits = model(out[:, start:t], positions[:, start:t], None, inference_context=ctx,
+                                runtime_gather_output=True)
+            ctx.sequence_len_offset = t
+        last = step_logits[:, -1, :]
+        if vocab_size is not None:
+            last = last[:, :vocab_size]
+        nxt = last.argmax(dim=-1)
+        if stop_token is not None:
+            nxt = nxt.masked_fill(done, stop_token)
+            done |= nxt == stop_token
+        out[:, t] = nxt
+        written = t + 1
+        if stop_token is not None and (written - s) % STOP_CHECK_INTERVAL == 0 and bool(done.all()):
+            break
+    if stop_token is not None:
+        # end at the step where the last sequence stopped, as a check after every token would
+        finished = ((out[:, s:written] == stop_token).cumsum(1) > 0).all(0).nonzero()
+        if len(finished):
+            written = s + int(finished[0]) + 1
+    return out, written

@@ -15,10 +15,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt import gpt_model as _gpt_model_module
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_layer_local_spec,
-    get_gpt_layer_with_transformer_engine_spec,
-)
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
 from .. import platform
 from ..errors import UsageError
@@ -27,6 +24,7 @@ from ..looping.spec import RepeatBlock
 from .arch import Arch
 from .config import GrowLoopConfig, build_transformer_config
 from .implementation import Implementation
+from .local_spec import local_block_spec, local_layer_spec
 from .parallel import ParallelLayout
 from .rope import apply_llama3_rope_scaling
 
@@ -44,8 +42,9 @@ def _decoder_block_class(cls):
         _gpt_model_module.TransformerBlock = saved
 
 
-def layer_spec(impl: Implementation):
-    """The megatron-core layer spec: Transformer Engine when asked and importable."""
+def layer_spec(impl: Implementation, config: Optional[GrowLoopConfig] = None):
+    """The megatron-core layer spec: Transformer Engine when asked and importable, else the local
+    spec with torch's fused kernels (:mod:`.local_spec`; given ``config``, the block spec)."""
     if impl.transformer_impl == "transformer_engine":
         try:
             import transformer_engine  # noqa: F401  (optional dependency)
@@ -60,7 +59,7 @@ def layer_spec(impl: Implementation):
         raise UsageError(
             f"unknown --transformer-impl {impl.transformer_impl!r}; choose transformer_engine or local"
         )
-    return get_gpt_layer_local_spec(normalization="RMSNorm")
+    return local_layer_spec(impl) if config is None else local_block_spec(impl, config)
 
 
 class GrowLoopGPTModel(GPTModel):
@@ -155,7 +154,7 @@ def build_model(
     rotary_base = arch.rotary_base
     model = GrowLoopGPTModel(
         config,
-        layer_spec(impl),
+        layer_spec(impl, config),
         transformer_impl=impl.transformer_impl,
         vocab_size=arch.padded_vocab_size,
         max_sequence_length=arch.max_position_embeddings,

@@ -3,20 +3,52 @@
 :class:`Implementation` is the one place for everything that changes *how* the same
 architecture runs but not *what* it computes: Transformer Engine or the local spec,
 the attention backend, bf16/fp16/FP8, CUDA graphs, activation recomputation and the
-kernel fusions.  Flags that Megatron-LM has keep their Megatron-LM names
-(``megatron/training/arguments.py``); :meth:`Implementation.config_kwargs` is their
-translation into megatron-core ``TransformerConfig`` fields.
+kernel fusions.  Flags that Megatron-LM has keep their Megatron-LM names and defaults
+(``megatron/training/arguments.py`` at ``core_v0.16.1``; :func:`add_fusion_args` defines
+them); :meth:`Implementation.config_kwargs` is their translation into megatron-core
+``TransformerConfig`` fields *for the kernels this machine has* (:class:`~.fusions.Kernels`).
+
+Fusion defaults, as in Megatron-LM (``--no-X`` switches a default-on fusion off):
+
+==================================  ==========  ====================================================
+flag                                default     runs where
+==================================  ==========  ====================================================
+``--no-masked-softmax-fusion``      on          unfused attention with megatron's CUDA softmax kernels
+``--no-bias-swiglu-fusion``         on (GPU)    megatron-core's SwiGLU kernel (``torch.compile``)
+``--no-bias-dropout-fusion``        on (GPU)    megatron-core's bias-dropout-add (``torch.compile``)
+``--no-rope-fusion``                on          Transformer Engine's fused RoPE (needs TE)
+``--cross-entropy-loss-fusion``     off         megatron-core's fused vocab-parallel cross-entropy
+``--cross-entropy-fusion-impl``     native      ``native`` (megatron-core, ``torch.compile``) or ``te``
+``--torch-compile``                 off         ``torch.compile`` of every transformer layer (project flag)
+==================================  ==========  ====================================================
+
+A default-on fusion whose kernel is missing here is simply off (Megatron-LM would stop with an
+error; a default is not a request).  megatron-core builds its SwiGLU, bias-dropout-add and
+native cross-entropy kernels with ``torch.compile`` (``megatron/core/jit.py``): on a GPU that is
+what Megatron-LM runs; on a CPU the first compile of a process costs ~20 s against a saving of
+milliseconds per step, so there ``--no-bias-*-fusion``'s default is off, and an explicit
+``--cross-entropy-loss-fusion`` is honoured anywhere.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
 from megatron.core.transformer.enums import AttnBackend
 
+from ..errors import UsageError
+from .fusions import Kernels
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# --attention-backend: Megatron-LM's AttnBackend names plus ``sdpa`` (torch's fused kernel on the
+# local spec).  On the local spec ``auto`` is ``sdpa``; ``unfused``/``local`` are megatron-core's
+# DotProductAttention; ``flash``/``fused`` name Transformer Engine kernels.
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "fused", "unfused", "local")
+LOCAL_ATTENTION = {"auto": "sdpa", "sdpa": "sdpa", "unfused": "unfused", "local": "unfused"}
 
 
 @dataclass(frozen=True)
@@ -31,6 +63,38 @@ class Implementation:
     recompute_granularity: Optional[str] = None
     recompute_method: Optional[str] = None
     recompute_num_layers: Optional[int] = None
+    # ---- kernel fusions: Megatron-LM names; None = Megatron-LM's default where the kernel is worth it
+    masked_softmax_fusion: bool = True
+    bias_swiglu_fusion: Optional[bool] = None
+    bias_dropout_fusion: Optional[bool] = None
+    apply_rope_fusion: bool = True
+    cross_entropy_loss_fusion: bool = False
+    cross_entropy_fusion_impl: str = "native"
+    torch_compile: bool = False
+
+    def __post_init__(self):
+        if self.transformer_impl not in ("local", "transformer_engine"):
+            raise UsageError(
+                f"unknown --transformer-impl {self.transformer_impl!r}; choose transformer_engine or local"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise UsageError(
+                f"unknown --attention-backend {self.attention_backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
+            )
+        if self.transformer_impl == "local" and self.attention_backend not in LOCAL_ATTENTION:
+            raise UsageError(
+                f"--attention-backend {self.attention_backend} is a Transformer Engine kernel; the local spec "
+                "runs sdpa (default) or unfused (or use --transformer-impl transformer_engine)"
+            )
+        if self.transformer_impl == "transformer_engine" and self.attention_backend == "sdpa":
+            raise UsageError(
+                "--attention-backend sdpa runs on the local spec: add --transformer-impl local "
+                "(Transformer Engine chooses its own kernels with --attention-backend auto)"
+            )
+        if self.cross_entropy_fusion_impl not in ("native", "te"):
+            raise UsageError(
+                f"unknown --cross-entropy-fusion-impl {self.cross_entropy_fusion_impl!r}; choose native or te"
+            )
 
     @classmethod
     def from_args(cls, args) -> "Implementation":
@@ -46,6 +110,13 @@ class Implementation:
             recompute_granularity=getattr(args, "recompute_granularity", None),
             recompute_method=getattr(args, "recompute_method", None) if full else None,
             recompute_num_layers=getattr(args, "recompute_num_layers", None) if full else None,
+            masked_softmax_fusion=getattr(args, "masked_softmax_fusion", True),
+            bias_swiglu_fusion=getattr(args, "bias_swiglu_fusion", None),
+            bias_dropout_fusion=getattr(args, "bias_dropout_fusion", None),
+            apply_rope_fusion=getattr(args, "apply_rope_fusion", True),
+            cross_entropy_loss_fusion=getattr(args, "cross_entropy_loss_fusion", False),
+            cross_entropy_fusion_impl=getattr(args, "cross_entropy_fusion_impl", None) or "native",
+            torch_compile=getattr(args, "torch_compile", False),
         )
 
     @property
@@ -57,9 +128,37 @@ class Implementation:
         """bf16 or fp16: the model is wrapped in megatron-core's ``Float16Module``."""
         return self.dtype != "fp32"
 
+    @property
+    def core_attention(self) -> str:
+        """``sdpa`` or ``unfused`` (the local spec's module), or ``te`` (Transformer Engine's)."""
+        if self.transformer_impl == "transformer_engine":
+            return "te"
+        return LOCAL_ATTENTION[self.attention_backend]
+
+    def fusions(self, kernels: Optional[Kernels] = None) -> Dict[str, Any]:
+        """The fusion fields of ``TransformerConfig`` that run on ``kernels`` (default: this machine)."""
+        k = Kernels.detect() if kernels is None else kernels
+        if self.cross_entropy_loss_fusion and self.cross_entropy_fusion_impl == "te" and not k.transformer_engine:
+            raise UsageError(
+                "--cross-entropy-fusion-impl te needs Transformer Engine (not importable here); "
+                "use --cross-entropy-fusion-impl native"
+            )
+
+        def compiled(requested: Optional[bool]) -> bool:  # megatron-core kernels built by torch.compile
+            return k.cuda if requested is None else bool(requested)
+
+        return dict(
+            masked_softmax_fusion=bool(self.masked_softmax_fusion and k.masked_softmax_cuda),
+            bias_activation_fusion=compiled(self.bias_swiglu_fusion),
+            bias_dropout_fusion=compiled(self.bias_dropout_fusion),
+            apply_rope_fusion=bool(self.apply_rope_fusion and k.transformer_engine),
+            cross_entropy_loss_fusion=bool(self.cross_entropy_loss_fusion),
+            cross_entropy_fusion_impl=self.cross_entropy_fusion_impl,
+        )
+
     def describe(self) -> str:
         """One phrase for start-up lines: layer implementation, attention backend, precision."""
-        attention = self.attention_backend if self.transformer_impl == "transformer_engine" else "local"
+        attention = self.attention_backend if self.transformer_impl == "transformer_engine" else self.core_attention
         fp8 = f", FP8 {self.fp8_format}/{self.fp8_recipe}" if self.fp8_format else ""
         return f"impl {self.transformer_impl}, attention {attention}, {self.dtype}{fp8}"
 
@@ -70,7 +169,7 @@ class Implementation:
             out.append("running in fp32 on a GPU: pass --bf16 (Megatron-LM's usual precision) unless fp32 is intended")
         return out
 
-    def config_kwargs(self) -> Dict[str, Any]:
+    def config_kwargs(self, kernels: Optional[Kernels] = None) -> Dict[str, Any]:
         """megatron-core ``TransformerConfig`` fields for this implementation."""
 
         dtype = self.params_dtype
@@ -82,8 +181,8 @@ class Implementation:
             recompute_granularity=self.recompute_granularity,
             recompute_method=self.recompute_method,
             recompute_num_layers=self.recompute_num_layers,
-            bias_activation_fusion=False,
         )
+        kw.update(self.fusions(kernels))
         if self.transformer_impl == "transformer_engine":
             kw["attention_backend"] = AttnBackend[self.attention_backend]
             if self.fp8_format:
@@ -95,3 +194,22 @@ class Implementation:
             kw["cuda_graph_impl"] = self.cuda_graph_impl
             kw["cuda_graph_warmup_steps"] = self.cuda_graph_warmup_steps
         return kw
+
+
+def add_fusion_args(parser: argparse.ArgumentParser) -> None:
+    """The kernel-fusion flags, named and defaulted as Megatron-LM's (``megatron/training/arguments.py``)."""
+    g = parser.add_argument_group("kernel fusions (Megatron-LM names; a default-on fusion runs where its kernel exists)")
+    g.add_argument("--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion",
+                   help="disable megatron's fused scale+mask+softmax CUDA kernel (unfused attention only)")
+    g.add_argument("--no-bias-swiglu-fusion", action="store_false", dest="bias_swiglu_fusion", default=None,
+                   help="disable megatron-core's fused SwiGLU (default: on with CUDA, off on CPU)")
+    g.add_argument("--no-bias-dropout-fusion", action="store_false", dest="bias_dropout_fusion", default=None,
+                   help="disable megatron-core's fused bias-dropout-add (default: on with CUDA, off on CPU)")
+    g.add_argument("--no-rope-fusion", action="store_false", dest="apply_rope_fusion",
+                   help="disable Transformer Engine's fused RoPE (used when TE is importable)")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="megatron-core's fused vocab-parallel cross-entropy")
+    g.add_argument("--cross-entropy-fusion-impl", choices=["native", "te"], default="native",
+                   help="native: megatron-core's (no TE needed); te: Transformer Engine's")
+    g.add_argument("--torch-compile", action="store_true",
+                   help="torch.compile every transformer layer (training and no-cache inference)")

@@ -16,6 +16,8 @@ core attention, unfused    q, k, v expanded to ``n_q`` heads ``3*e*n_q*kv*T``, t
                            ``s*s`` (bool), the fp32 softmax ``4*b*n_q*s*s`` and, in 16 bits, the
                            probabilities cast back ``e*b*n_q*s*s`` (``fusions/fused_softmax.py``)
 core attention, flash      q, k, v ``e*(n_q + 2*n_kv)*kv*T`` and the fp32 log-sum-exp ``4*b*n_q*s``
+core attention, SDPA       as flash (the local spec's default, model/attention.py; GQA native: k, v
+                           not expanded); on CUDA also a copy of the kernel's output ``e*n_q*kv*T``
 SwiGLU                     fc1 output ``2*e*f*T``; unfused also ``silu(gate)`` and ``up + 0`` (``2*e*f*T``)
 =========================  ===================================================================
 
@@ -83,11 +85,20 @@ def _qkv_inputs_bytes(arch: Arch, k: Kernels, mb: MicroBatch) -> int:
     return k.act_bytes * arch.kv_channels * mb.tokens * ((n_q + n_kv) + (n_q + 2 * n_kv))
 
 
+def _sdpa_output_copy_bytes(arch: Arch, k: Kernels, mb: MicroBatch) -> int:
+    """SDPA's output saved apart from the projection's input: on CPU the kernel writes it in the
+    query's layout, so ``[s, b, heads*kv]`` is a view of it (measured); CUDA's flash kernel writes
+    ``[b, s, heads, kv]``, which the reshape copies (from the kernel's layout; not yet measured)."""
+    return 0 if k.device == "cpu" else k.act_bytes * (arch.num_attention_heads // mb.tp) * arch.kv_channels * mb.tokens
+
+
 def core_attention_bytes(arch: Arch, k: Kernels, mb: MicroBatch) -> int:
     e, s, b, kv = k.act_bytes, mb.seq, mb.batch, arch.kv_channels
     n_q, _ = _heads(arch, mb.tp)
     if k.attention == "flash":
         return _qkv_inputs_bytes(arch, k, mb) + 4 * b * n_q * s
+    if k.attention == "sdpa":
+        return _qkv_inputs_bytes(arch, k, mb) + 4 * b * n_q * s + _sdpa_output_copy_bytes(arch, k, mb)
     scores = b * n_q * s * s
     return 3 * e * n_q * kv * mb.tokens + s * s + 4 * scores + (e * scores if e < 4 else 0)
 
@@ -211,6 +222,9 @@ def stage_peak_bytes(arch: Arch, k: Kernels, mb: MicroBatch, applications: int, 
         working = core_attention_bytes(arch, k, mb)
         if k.attention == "flash":  # recomputed from the kept q, k, v: only the log-sum-exp is new
             working = 4 * mb.batch * (arch.num_attention_heads // mb.tp) * mb.seq
+        elif k.attention == "sdpa":  # the log-sum-exp and the kernel's output
+            working = core_attention_bytes(arch, k, mb) - _qkv_inputs_bytes(arch, k, mb) \
+                + k.act_bytes * (arch.num_attention_heads // mb.tp) * arch.kv_channels * mb.tokens
         during = stored - head - _mlp_side_bytes(arch, k, mb) + working
     else:
         one = layer_bytes(arch, k, mb)

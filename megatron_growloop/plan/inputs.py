@@ -69,11 +69,6 @@ class RunSetup:
         if self.layout.sequence_parallel and self.arch.seq_length % self.layout.tp:
             raise UsageError(f"--seq-length {self.arch.seq_length} must be divisible by TP {self.layout.tp} "
                              "with --sequence-parallel")
-        if self.sequence_parallel and self.impl.transformer_impl != "transformer_engine":
-            raise UsageError(
-                "--sequence-parallel needs --transformer-impl transformer_engine: megatron-core's local spec "
-                "uses torch norms, which refuse sequence parallelism (transformer/torch_norm.py)"
-            )
         if self.impl.recompute_granularity == "full" and (self.impl.recompute_num_layers or 1) < 1:
             raise UsageError(f"--recompute-num-layers must be >= 1, got {self.impl.recompute_num_layers}")
 

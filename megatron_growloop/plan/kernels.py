@@ -3,7 +3,7 @@
 The planner counts the tensors megatron-core's modules save for backward; that depends on
 the layer spec and on a few kernel choices, all of which :class:`~megatron_growloop.model.implementation.Implementation`
 fixes.  :meth:`Kernels.of` is the one translation from it (keep it in step with
-``Implementation.config_kwargs``; it reads the fields without importing megatron).
+``Implementation.config_kwargs``: the fusions come from ``Implementation.fusions`` for the device).
 
 ``device`` matters for one thing only: torch's ``rms_norm`` has a fused CUDA kernel that
 saves its input and the fp32 reciprocal RMS, while the CPU composite upcasts to fp32 and
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..model.fusions import Kernels as FusionKernels
+
 ATTENTION_FLASH_BACKENDS = ("flash", "fused", "auto")
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -25,7 +27,8 @@ class Kernels:
     """``local`` (megatron-core local spec, torch ops) or ``transformer_engine``."""
     device: str = "cuda"
     attention: str = "unfused"
-    """``unfused`` (scores and probabilities materialised, ``[b, heads, s, s]``) or ``flash``."""
+    """``unfused`` (scores and probabilities materialised, ``[b, heads, s, s]``), ``flash`` (TE) or
+    ``sdpa`` (torch's fused kernel on the local spec: also keeps its own output)."""
     swiglu_fused: bool = False
     """megatron's ``bias_activation_fusion`` (``fusions/fused_bias_swiglu.py``): saves the fc1 output only."""
     rope_fused: bool = False
@@ -41,13 +44,15 @@ class Kernels:
     def of(cls, impl, device: str = "cuda") -> "Kernels":
         if impl.transformer_impl == "transformer_engine":
             attention = "flash" if impl.attention_backend in ATTENTION_FLASH_BACKENDS else "unfused"
-        else:
-            attention = "unfused"  # megatron's local DotProductAttention
+        else:  # SDPAttention (torch's fused kernel, the default) or megatron's local DotProductAttention
+            attention = "sdpa" if impl.core_attention == "sdpa" else "unfused"
+        fused = impl.fusions(FusionKernels(cuda=device == "cuda",
+                                           transformer_engine=impl.transformer_impl == "transformer_engine"))
         return cls(
             spec=impl.transformer_impl,
             device=device,
             attention=attention,
-            swiglu_fused=bool(getattr(impl, "bias_activation_fusion", False)),
-            rope_fused=bool(getattr(impl, "apply_rope_fusion", False)),
+            swiglu_fused=fused["bias_activation_fusion"],
+            rope_fused=fused["apply_rope_fusion"],
             dtype=impl.dtype,
         )

@@ -91,7 +91,7 @@ def search(base: RunSetup, cluster: Cluster, vocab_size: int, search_recompute: 
         except UsageError as exc:
             rejected.append((f"TP{tp}", str(exc)))
             continue
-        if tp > 1 and arch.seq_length % tp and base.impl.transformer_impl == "transformer_engine":
+        if tp > 1 and arch.seq_length % tp:
             rejected.append((f"TP{tp}", f"sequence parallelism needs --seq-length divisible by {tp}"))
             continue
         for pp in _divisors(gpus // tp):
@@ -106,7 +106,7 @@ def search(base: RunSetup, cluster: Cluster, vocab_size: int, search_recompute: 
                 rejected.append((name, f"global batch {base.global_batch} is not a multiple of micro batch x DP = "
                                        f"{base.micro_batch_size}x{dp}"))
                 continue
-            sp = tp > 1 and base.impl.transformer_impl == "transformer_engine"  # the local spec refuses SP
+            sp = tp > 1  # both specs support it (the local spec's norms: model/fusions.RMSNorm)
             layout = ParallelLayout(tp=tp, pp=pp, sequence_parallel=sp)
             for granularity, method, num in options:
                 impl = replace(base.impl, recompute_granularity=granularity, recompute_method=method,

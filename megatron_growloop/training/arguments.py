@@ -22,6 +22,7 @@ from ..errors import ArgumentParser, UsageError
 from ..looping.cli import add_loop_args, validate_loop_args
 from ..looping.spec import LoopSpec, build_schedule, check_stage_sizes
 from ..model.arch import LLAMA3_HIGH_FREQ_FACTOR, LLAMA3_LOW_FREQ_FACTOR, LLAMA3_ORIGINAL_MAX_POSITIONS, Arch
+from ..model.implementation import ATTENTION_BACKENDS, Implementation, add_fusion_args
 from ..model.parallel import stage_sizes_from_layout
 from ..model.presets import PRESETS, ModelPreset, get_preset
 from ..platform import has_cuda, te_importable
@@ -75,7 +76,8 @@ def build_parser(prog: str = "megatron_growloop.pretrain",
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--transformer-impl", choices=["transformer_engine", "local"], default=None,
                    help="default: transformer_engine when importable on GPU, else local")
-    g.add_argument("--attention-backend", choices=["flash", "fused", "unfused", "local", "auto"], default="auto")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                   help="auto: Transformer Engine's choice, or sdpa (torch's fused kernel) on the local spec")
     g.add_argument("--fp8-format", choices=["e4m3", "hybrid"], default=None)
     g.add_argument("--fp8-recipe", choices=["tensorwise", "delayed", "mxfp8", "blockwise"], default="delayed")
     g.add_argument("--cuda-graph-impl", choices=["none", "local", "transformer_engine"], default="none",
@@ -167,6 +169,7 @@ def build_parser(prog: str = "megatron_growloop.pretrain",
     g.add_argument("--metrics-file", default=None,
                    help="append one JSON line per iteration (loss, lr, grad norm, depth, FLOPs) to this file")
 
+    add_fusion_args(p)
     add_loop_args(p)
     for provider in extra_args_providers:
         provider(p)
@@ -311,6 +314,7 @@ def validate_args(args, world_size: int, resume: Optional[Dict[str, Any]] = None
         )
     if args.fp8_format and args.transformer_impl != "transformer_engine":
         raise UsageError("--fp8-format needs --transformer-impl transformer_engine")
+    Implementation.from_args(args).fusions()  # refuses impossible backend/fusion combinations
     for validate in extra_validators:
         validate(args)
     if args.cuda_graph_impl != "none":

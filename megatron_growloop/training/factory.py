@@ -26,10 +26,12 @@ from megatron.core.transformer.module import Float16Module
 from .. import platform
 from ..looping.spec import RepeatBlock
 from ..model.arch import Arch
+from ..model.fusions import compile_layers
 from ..model.gpt import GrowLoopGPTModel, build_model
 from ..model.implementation import Implementation
 from ..model.parallel import ParallelLayout
 from .checkpointing import unwrap
+from .fused_optimizer import install_foreach_multi_tensor_ops, use_torch_fused_adam
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ def build_stack(
     """Model + DDP + Megatron optimizer for ``arch`` on this rank, ready for the pipeline schedules."""
     model = build_model(arch, layout, impl, [RepeatBlock.parse(str(b)) for b in repeat_blocks])
     config = model.config
+    if impl.torch_compile:
+        compile_layers(model)
     if impl.half:
         # As Megatron-LM: cast every parameter (norms included) to the 16-bit dtype and convert
         # inputs/outputs at the pipeline ends; the optimizer keeps fp32 main params.
@@ -123,7 +127,9 @@ def build_stack(
         use_distributed_optimizer=optim.use_distributed_optimizer,
         overlap_param_gather=optim.overlap_param_gather,
     )
+    install_foreach_multi_tensor_ops()  # torch's fused kernels where megatron-core falls back (no TE/apex)
     optimizer = get_megatron_optimizer(opt_config, [ddp])
+    use_torch_fused_adam(optimizer)
     config.grad_scale_func = optimizer.scale_loss
     config.no_sync_func = ddp.no_sync
     config.finalize_model_grads_func = finalize_model_grads

@@ -47,6 +47,7 @@ from .arguments import Launch
 from .controller import Controller
 from .cuda_graphs import TECudaGraphs
 from .factory import ModelStack, OptimizerSettings, build_scheduler, build_stack
+from .fused_optimizer import use_torch_fused_adam
 from .initialize import init_distributed, rng_options
 from .logger import MetricsLogger
 from .optimizer_state import local_optimizer_state
@@ -390,6 +391,7 @@ class Trainer:
         self.optimizer.zero_grad()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step trains with
         losses = self._fwd_bwd(self.train_iter, forward_only=False)
+        use_torch_fused_adam(self.optimizer)  # again: loading an unfused run's state restores fused=False
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
