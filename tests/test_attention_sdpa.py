@@ -199,3 +199,34 @@ def test_bad_backend_choices_are_one_line_errors():
         Implementation(transformer_impl="transformer_engine", attention_backend="sdpa")
     with pytest.raises(UsageError, match="unknown --attention-backend"):
         Implementation(attention_backend="xformers")
+
+
+BF16_TOL = 2e-2  # absolute, on outputs and gradients of O(1): a few bf16 roundings (2^-8 relative each)
+
+
+@pytest.mark.parametrize("groups", [4, 2], ids=["mha", "gqa"])
+def test_bf16_sdpa_and_unfused_agree_with_the_fp32_reference(dist_1rank, groups):
+    """Both kernels exist on the CPU in bf16: SDPA's output and input gradients are as close to
+    the fp32 result as the unfused module's (each within BF16_TOL of it, and of each other)."""
+    sdpa = _core(_build("sdpa", num_query_groups=groups))
+    unfused = _core(_build("unfused", num_query_groups=groups))
+    g = torch.Generator().manual_seed(2)
+    s, b, heads, d = 32, 2, 4, 16
+    q32 = torch.randn(s, b, heads, d, generator=g)
+    k32 = torch.randn(s, b, groups, d, generator=g)
+    v32 = torch.randn(s, b, groups, d, generator=g)
+    w = torch.randn(s, b, heads * d, generator=g)
+
+    def run(core, dtype):
+        q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q32, k32, v32))
+        out = core(q, k, v, None)
+        (out.float() * w).sum().backward()
+        return [out.float()] + [t.grad.float() for t in (q, k, v)]
+
+    ref = run(unfused, torch.float32)
+    a, u = run(sdpa, torch.bfloat16), run(unfused, torch.bfloat16)
+    for x, y, r in zip(a, u, ref):
+        assert float((x - r).abs().max()) <= BF16_TOL
+        assert float((y - r).abs().max()) <= BF16_TOL
+        assert float((x - y).abs().max()) <= BF16_TOL
+    assert float((a[0] - ref[0]).abs().max()) > 0  # bf16 really ran

@@ -44,7 +44,8 @@ def test_fallbacks_and_fp32_on_a_gpu_are_said():
     assert any("fp32 on a GPU" in w for w in fp32.warnings(cuda=True))
     assert Implementation(dtype="bf16").warnings(cuda=True) == []
     assert Implementation(dtype="bf16").warnings(cuda=True, fallback="TE missing") == ["TE missing"]
-    assert fp32.describe() == "impl local, attention local, fp32"
+    assert fp32.describe() == "impl local, attention sdpa, fp32"
+    assert Implementation(attention_backend="unfused", dtype="bf16").describe() == "impl local, attention unfused, bf16"
 
 
 def test_cuda_graphs_get_the_graph_safe_rng_tracker(monkeypatch):
