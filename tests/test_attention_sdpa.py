@@ -1,6 +1,7 @@
 """The SDPA core attention (``--attention-backend sdpa``, the local spec's default) computes what
 megatron-core's unfused ``DotProductAttention`` computes: forward outputs and gradients within
-fp32 rounding (tolerance 1e-5 absolute on losses and gradients of O(1-10); observed <= 2e-6),
+fp32 rounding (tolerance 1e-5 absolute on losses and gradients of O(1-10); observed <= 2e-6;
+bf16: within 2^-6 of the fp32 result relative to its scale, as the unfused module),
 for MHA, GQA and MQA, looped models, full and selective recomputation and cached generation,
 with the same checkpoint keys.  TP=2 with sequence parallelism: tests/test_fastpath_parallel.py."""
 
@@ -201,13 +202,14 @@ def test_bad_backend_choices_are_one_line_errors():
         Implementation(attention_backend="xformers")
 
 
-BF16_TOL = 2e-2  # absolute, on outputs and gradients of O(1): a few bf16 roundings (2^-8 relative each)
+BF16_TOL = 2 ** -6  # relative to the largest fp32 value of each tensor: ~4 bf16 roundings (2^-8 each); observed <= 2^-7.8
 
 
 @pytest.mark.parametrize("groups", [4, 2], ids=["mha", "gqa"])
 def test_bf16_sdpa_and_unfused_agree_with_the_fp32_reference(dist_1rank, groups):
     """Both kernels exist on the CPU in bf16: SDPA's output and input gradients are as close to
-    the fp32 result as the unfused module's (each within BF16_TOL of it, and of each other)."""
+    the fp32 result as the unfused module's (each within BF16_TOL x max|fp32| of it, and of each
+    other; both errors observed at ~2^-8 of the scale)."""
     sdpa = _core(_build("sdpa", num_query_groups=groups))
     unfused = _core(_build("unfused", num_query_groups=groups))
     g = torch.Generator().manual_seed(2)
@@ -226,7 +228,8 @@ def test_bf16_sdpa_and_unfused_agree_with_the_fp32_reference(dist_1rank, groups)
     ref = run(unfused, torch.float32)
     a, u = run(sdpa, torch.bfloat16), run(unfused, torch.bfloat16)
     for x, y, r in zip(a, u, ref):
-        assert float((x - r).abs().max()) <= BF16_TOL
-        assert float((y - r).abs().max()) <= BF16_TOL
-        assert float((x - y).abs().max()) <= BF16_TOL
+        tol = BF16_TOL * float(r.abs().max())
+        assert float((x - r).abs().max()) <= tol
+        assert float((y - r).abs().max()) <= tol
+        assert float((x - y).abs().max()) <= tol
     assert float((a[0] - ref[0]).abs().max()) > 0  # bf16 really ran
