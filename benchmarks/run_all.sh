@@ -18,3 +18,5 @@ HF=$(python -c "from megatron_growloop.convert import smollm2_hf_dir; print(smol
 python benchmarks/eval.py --hf "$HF" --tasks copy_random,va_basic_d2 --limit 5 --out $R/eval.json
 python benchmarks/plan_search.py --repeats 5
 python benchmarks/plan_accuracy.py
+python benchmarks/attention_backends.py --presets small smollm-135m --out $R/attention_backends_cpu.json
+OMP_NUM_THREADS=1 python benchmarks/cpu_vs_hf.py --out $R/cpu_vs_hf.json
