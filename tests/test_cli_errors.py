@@ -43,6 +43,7 @@ def _assert_one_line_error(proc, *needles):
         (["--loop", "4-4x4"], 1, ["'4-4x4'"]),
         (["--lr-decay-style", "WSD"], 1, ["--lr-wsd-decay-iters"]),
         (["--seq-length", "4096"], 1, ["4096", "--max-position-embeddings"]),
+        (["--num-workers", "-1"], 1, ["--num-workers must be >= 0, got -1"]),
     ],
 )
 def test_bad_arguments(tmp_path, args, world, needles):

@@ -6,10 +6,12 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import pretrain, read_metrics, run_module
 from megatron_growloop.data import default_corpus, synthetic
-from megatron_growloop.data.datasets import GlobalBatch, parse_blend
+from megatron_growloop.data.datasets import GlobalBatch, MicroBatchIterator, parse_blend
+from megatron_growloop.data.mock import MockDataset
 from megatron_growloop.data.preprocess import iter_documents, preprocess
 from megatron_growloop.data.tokenizer import ByteTokenizer
 from megatron_growloop.errors import UsageError
@@ -122,3 +124,19 @@ def test_cooldown_blend_switches_at_iteration(tmp_path):
     assert [r["data"] for r in rec] == ["main"] * 5 + ["cooldown"] * 3
     # the model learned the two-letter distribution; the new data is much less predictable
     assert rec[5]["loss"] > rec[4]["loss"] + 0.3
+
+
+def test_worker_loader_yields_the_in_process_batches_and_counts_what_was_taken():
+    """--num-workers reads ahead with Megatron-LM's persistent workers; the batches, their order
+    (across the end of a short dataset) and the resumable position are those of the in-process reader."""
+    ds = MockDataset(97, 8, seed=3, length=13)  # 13 samples: the 5th global batch of 4 wraps around
+    batch = GlobalBatch(micro_batch_size=1, global_batch_size=4, data_parallel_size=2, data_parallel_rank=1)
+    plain = MicroBatchIterator(ds, batch, consumed_samples=4)
+    workers = MicroBatchIterator(ds, batch, consumed_samples=4, num_workers=2, pin_memory=True)
+    for _ in range(11):  # 5.5 global batches of 2 micro-steps each
+        a, b = next(plain), next(workers)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    assert workers.consumed_samples == plain.consumed_samples == 4 + 5 * 4
+

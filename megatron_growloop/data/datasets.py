@@ -115,26 +115,65 @@ def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}
 
 
+class MicroBatchSampler:
+    """The index lists of this rank's micro-batches from ``consumed_samples`` on, forever
+    (modulo the dataset's length): the batch sampler of the torch ``DataLoader``."""
+
+    def __init__(self, batch: GlobalBatch, consumed_samples: int, length: int):
+        self.batch = batch
+        self.consumed_samples = int(consumed_samples)
+        self.length = int(length)
+
+    def __iter__(self):
+        consumed = self.consumed_samples
+        while True:
+            for j in range(self.batch.num_microbatches):
+                yield [i % self.length for i in self.batch.microbatch_indices(consumed, j)]
+            consumed += self.batch.global_batch_size
+
+
 class MicroBatchIterator:
     """Yields this rank's micro-batches in order; position = samples consumed globally.
 
     ``dataset`` is indexed modulo its length, so a short dataset cycles (with the
     dataset's own shuffling) rather than ending the run.
+
+    With ``num_workers > 0`` the samples are read and collated by a torch ``DataLoader``
+    with persistent workers, and ``pin_memory`` pins the batches for an asynchronous
+    host-to-device copy, as Megatron-LM's loader does
+    (``megatron/training/datasets/data_samplers.py``: ``--num-workers`` 2, ``pin_memory=True``,
+    ``persistent_workers``).  The workers read ahead from the same deterministic sampler,
+    so the batches are the same as without them; the position counts what was *taken*,
+    not what was prefetched, so resumption stays exact.
     """
 
-    def __init__(self, dataset, batch: GlobalBatch, consumed_samples: int = 0):
+    def __init__(self, dataset, batch: GlobalBatch, consumed_samples: int = 0, num_workers: int = 0,
+                 pin_memory: bool = False):
         self.dataset = dataset
         self.batch = batch
         self.consumed_samples = int(consumed_samples)
         self._micro_step = 0
+        self._loader = None
+        if num_workers > 0 or pin_memory:
+            self._loader = iter(torch.utils.data.DataLoader(
+                dataset,
+                batch_sampler=MicroBatchSampler(batch, consumed_samples, len(dataset)),
+                num_workers=num_workers,
+                collate_fn=collate,
+                pin_memory=pin_memory,
+                persistent_workers=num_workers > 0,
+            ))
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Dict[str, torch.Tensor]:
-        idx = self.batch.microbatch_indices(self.consumed_samples, self._micro_step)
-        n = len(self.dataset)
-        batch = collate([self.dataset[i % n] for i in idx])
+        if self._loader is not None:
+            batch = next(self._loader)
+        else:
+            idx = self.batch.microbatch_indices(self.consumed_samples, self._micro_step)
+            n = len(self.dataset)
+            batch = collate([self.dataset[i % n] for i in idx])
         self._micro_step += 1
         if self._micro_step == self.batch.num_microbatches:
             self._micro_step = 0

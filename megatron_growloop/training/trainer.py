@@ -343,15 +343,20 @@ class Trainer:
 
     def _make_iterators(self) -> None:
         a, st = self.args, self.state
+        loader = dict(num_workers=a.num_workers, pin_memory=torch.cuda.is_available())
         cool = a.cooldown_start_iter if self.cooldown_ds is not None else None
         if cool is not None and st.iteration >= cool:
-            self.train_iter = MicroBatchIterator(self.cooldown_ds, self.batch, (st.iteration - cool) * a.global_batch_size)
+            self.train_iter = MicroBatchIterator(
+                self.cooldown_ds, self.batch, (st.iteration - cool) * a.global_batch_size, **loader
+            )
             self._in_cooldown = True
         else:
-            self.train_iter = MicroBatchIterator(self.train_ds, self.batch, st.consumed_train_samples)
+            self.train_iter = MicroBatchIterator(self.train_ds, self.batch, st.consumed_train_samples, **loader)
             self._in_cooldown = False
         self.valid_iter = (
-            MicroBatchIterator(self.valid_ds, self.batch, st.consumed_valid_samples) if self.valid_ds else None
+            MicroBatchIterator(self.valid_ds, self.batch, st.consumed_valid_samples, **loader)
+            if self.valid_ds
+            else None
         )
 
     # ------------------------------------------------------------------ steps
