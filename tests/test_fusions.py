@@ -77,7 +77,8 @@ def test_fusion_defaults_follow_megatron_lm_where_the_kernel_exists():
     default = Implementation()
     assert default.fusions(cpu) == dict(masked_softmax_fusion=False, bias_activation_fusion=False,
                                         bias_dropout_fusion=False, apply_rope_fusion=False,
-                                        cross_entropy_loss_fusion=False, cross_entropy_fusion_impl="native")
+                                        cross_entropy_loss_fusion=False, cross_entropy_fusion_impl="native",
+                                        gradient_accumulation_fusion=False, persist_layer_norm=False)
     on_gpu = default.fusions(gpu)
     assert on_gpu["bias_activation_fusion"] and on_gpu["bias_dropout_fusion"]
     assert not on_gpu["apply_rope_fusion"] and not on_gpu["masked_softmax_fusion"]
@@ -109,3 +110,37 @@ def test_fusion_flags_parse_with_megatron_lm_names():
     with pytest.raises(UsageError, match="needs Transformer Engine"):
         impl.fusions(Kernels())
     assert impl.fusions(Kernels(cuda=True, transformer_engine=True))["cross_entropy_fusion_impl"] == "te"
+
+
+def test_grad_accum_fusion_is_off_for_looped_layers_where_it_would_overwrite_main_grad():
+    """TE's wgrad GEMM writes main_grad with accumulate=False for the is_first_microbatch call: in a
+    loop that is the first application, whose backward runs last (issue 12, item 6). A plain or
+    grown model keeps Megatron-LM's default-on fusion where the kernel exists; a loop or a repeat
+    block turns it off, and the start-up phrase says why."""
+    from megatron_growloop.model.arch import Arch
+    from megatron_growloop.model.config import build_transformer_config, looped
+    from megatron_growloop.model.fusions import Kernels
+    from megatron_growloop.model.implementation import Implementation
+    from megatron_growloop.looping.spec import RepeatBlock
+
+    te = Implementation(transformer_impl="transformer_engine")
+    te_kernels = Kernels(cuda=True, transformer_engine=True)
+    assert te.fusions(te_kernels)["gradient_accumulation_fusion"]
+    assert not te.fusions(te_kernels, looped=True)["gradient_accumulation_fusion"]
+    assert not Implementation(transformer_impl="transformer_engine",
+                              gradient_accumulation_fusion=False).fusions(te_kernels)["gradient_accumulation_fusion"]
+    local = Implementation()
+    assert local.fusions(Kernels(cuda=True, grad_accum_fusion_cuda=True))["gradient_accumulation_fusion"]
+    assert not local.fusions(Kernels(cuda=True))["gradient_accumulation_fusion"]  # no apex: off
+    assert "grad-accum fusion off: looped layers" in te.fusion_summary(te_kernels, looped=True)
+    assert "grad-accum" in te.fusion_summary(te_kernels) and "off" not in te.fusion_summary(te_kernels)
+
+    shape = dict(hidden_size=64, num_attention_heads=4, num_query_groups=4, ffn_hidden_size=128, kv_channels=16,
+                 seq_length=32, max_position_embeddings=32, padded_vocab_size=256)
+    plain = Arch(num_layers=4, **shape)
+    loop = Arch(num_layers=2, loop="2x2", **shape)
+    assert not looped(plain) and looped(loop) and looped(plain, (RepeatBlock.parse("1:3:2"),))
+    # the config a looped model is built with never carries the fusion; Megatron-LM's
+    # deallocate_pipeline_outputs is always on
+    cfg = build_transformer_config(loop)
+    assert cfg.gradient_accumulation_fusion is False and cfg.deallocate_pipeline_outputs is True

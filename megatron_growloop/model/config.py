@@ -41,6 +41,11 @@ class GrowLoopConfig(TransformerConfig):
         return len(self.schedule())
 
 
+def looped(arch: Arch, repeat_blocks: Sequence[RepeatBlock] = ()) -> bool:
+    """Whether some layer runs more than once per step (a loop or a repeat block)."""
+    return arch.loop is not None or bool(repeat_blocks)
+
+
 def build_transformer_config(
     arch: Arch,
     layout: ParallelLayout = ParallelLayout(),
@@ -78,7 +83,7 @@ def build_transformer_config(
         calculate_per_token_loss=True,
         loop=arch.loop,
         repeat_blocks=blocks,
-        **impl.config_kwargs(),
+        **impl.config_kwargs(looped=looped(arch, blocks)),
     )
     if stage_sizes is not None:
         kw["pipeline_model_parallel_layout"] = layout_from_stage_sizes(stage_sizes)

@@ -88,6 +88,8 @@ class Kernels:
     """megatron's ``scaled_masked_softmax_cuda`` extensions (used by ``--no-masked-softmax-fusion``'s default)."""
     grad_accum_fusion_cuda: bool = False
     """apex's ``fused_weight_gradient_mlp_cuda`` (the local linears' gradient-accumulation fusion)."""
+    persistent_layer_norm_cuda: bool = False
+    """apex's ``FastLayerNormFN`` (``apex.contrib.layer_norm``: megatron-core's persistent LayerNorm)."""
 
     @staticmethod
     @lru_cache(maxsize=1)
@@ -100,6 +102,7 @@ class Kernels:
             and _importable("scaled_masked_softmax_cuda")
             and _importable("scaled_upper_triang_masked_softmax_cuda"),
             grad_accum_fusion_cuda=cuda and _importable("fused_weight_gradient_mlp_cuda"),
+            persistent_layer_norm_cuda=cuda and _importable("apex.contrib.layer_norm"),
         )
 
 

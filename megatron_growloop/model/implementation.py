@@ -20,7 +20,25 @@ flag                                default     runs where
 ``--cross-entropy-loss-fusion``     off         megatron-core's fused vocab-parallel cross-entropy
 ``--cross-entropy-fusion-impl``     native      ``native`` (megatron-core, ``torch.compile``) or ``te``
 ``--torch-compile``                 off         ``torch.compile`` of every transformer layer (project flag)
+``--no-gradient-accumulation-fusion``  on       wgrad GEMM accumulating into ``main_grad``: TE linears, or
+                                                apex's ``fused_weight_gradient_mlp_cuda`` for local linears;
+                                                **off for a model with a loop** (see below)
+``--no-persist-layer-norm``         on          apex's persistent LayerNorm kernel (inert for RMSNorm models)
 ==================================  ==========  ====================================================
+
+``deallocate_pipeline_outputs`` is always on, as Megatron-LM sets it
+(``megatron/training/arguments.py`` ``core_transformer_config_from_args``): a pipeline stage frees
+the data of its output tensor once it is sent, keeping only the autograd graph.
+
+**Gradient-accumulation fusion and loops.**  With the fusion, TE's linear (and megatron's
+``LinearWithGradAccumulationAndAsyncCommunication``) writes the weight gradient into
+``main_grad`` with ``accumulate=False`` for the forward call made with
+``is_first_microbatch=True``.  In a looped block that call is the *first application* of the
+layer, whose backward runs *last*: it would overwrite the other k-1 applications' contributions
+(under FP8 at every step, in bf16 on the first step and after each growth).  A model whose
+architecture has a loop, or inference-time repeat blocks, therefore runs with the fusion off (the
+start-up line says so); plain and grown models keep it.  Turning it off costs a separate
+``main_grad += wgrad`` per linear, which is what megatron-core does without apex or TE.
 
 A default-on fusion whose kernel is missing here is simply off (Megatron-LM would stop with an
 error; a default is not a request).  megatron-core builds its SwiGLU, bias-dropout-add and
@@ -71,6 +89,8 @@ class Implementation:
     cross_entropy_loss_fusion: bool = False
     cross_entropy_fusion_impl: str = "native"
     torch_compile: bool = False
+    gradient_accumulation_fusion: bool = True
+    persist_layer_norm: bool = True
 
     def __post_init__(self):
         if self.transformer_impl not in ("local", "transformer_engine"):
@@ -117,6 +137,8 @@ class Implementation:
             cross_entropy_loss_fusion=getattr(args, "cross_entropy_loss_fusion", False),
             cross_entropy_fusion_impl=getattr(args, "cross_entropy_fusion_impl", None) or "native",
             torch_compile=getattr(args, "torch_compile", False),
+            gradient_accumulation_fusion=getattr(args, "gradient_accumulation_fusion", True),
+            persist_layer_norm=not getattr(args, "no_persist_layer_norm", False),
         )
 
     @property
@@ -135,8 +157,9 @@ class Implementation:
             return "te"
         return LOCAL_ATTENTION[self.attention_backend]
 
-    def fusions(self, kernels: Optional[Kernels] = None) -> Dict[str, Any]:
-        """The fusion fields of ``TransformerConfig`` that run on ``kernels`` (default: this machine)."""
+    def fusions(self, kernels: Optional[Kernels] = None, looped: bool = False) -> Dict[str, Any]:
+        """The fusion fields of ``TransformerConfig`` that run on ``kernels`` (default: this machine),
+        for a model with (``looped``) or without layers applied more than once per step."""
         k = Kernels.detect() if kernels is None else kernels
         if self.cross_entropy_loss_fusion and self.cross_entropy_fusion_impl == "te" and not k.transformer_engine:
             raise UsageError(
@@ -154,7 +177,28 @@ class Implementation:
             apply_rope_fusion=bool(self.apply_rope_fusion and k.transformer_engine),
             cross_entropy_loss_fusion=bool(self.cross_entropy_loss_fusion),
             cross_entropy_fusion_impl=self.cross_entropy_fusion_impl,
+            gradient_accumulation_fusion=bool(
+                self.gradient_accumulation_fusion
+                and not looped
+                and (k.transformer_engine if self.transformer_impl == "transformer_engine" else k.grad_accum_fusion_cuda)
+            ),
+            persist_layer_norm=bool(self.persist_layer_norm and k.persistent_layer_norm_cuda),
         )
+
+    def fusion_summary(self, kernels: Optional[Kernels] = None, looped: bool = False) -> str:
+        """For start-up lines: the fusions that run, and why a requested one does not."""
+        fused = self.fusions(kernels, looped)
+        names = dict(masked_softmax_fusion="masked-softmax", bias_activation_fusion="bias-swiglu",
+                     bias_dropout_fusion="bias-dropout-add", apply_rope_fusion="rope",
+                     cross_entropy_loss_fusion=f"cross-entropy ({self.cross_entropy_fusion_impl})",
+                     gradient_accumulation_fusion="grad-accum", persist_layer_norm="persist-layer-norm")
+        on = [n for key, n in names.items() if fused[key]]
+        if self.torch_compile:
+            on.append("torch.compile")
+        text = "fusions: " + (", ".join(on) if on else "none")
+        if looped and self.gradient_accumulation_fusion and not fused["gradient_accumulation_fusion"]:
+            text += " (grad-accum fusion off: looped layers)"
+        return text
 
     def describe(self) -> str:
         """One phrase for start-up lines: layer implementation, attention backend, precision."""
@@ -169,8 +213,9 @@ class Implementation:
             out.append("running in fp32 on a GPU: pass --bf16 (Megatron-LM's usual precision) unless fp32 is intended")
         return out
 
-    def config_kwargs(self, kernels: Optional[Kernels] = None) -> Dict[str, Any]:
-        """megatron-core ``TransformerConfig`` fields for this implementation."""
+    def config_kwargs(self, kernels: Optional[Kernels] = None, looped: bool = False) -> Dict[str, Any]:
+        """megatron-core ``TransformerConfig`` fields for this implementation (``looped``: some layer
+        is applied more than once per step)."""
 
         dtype = self.params_dtype
         kw: Dict[str, Any] = dict(
@@ -181,8 +226,9 @@ class Implementation:
             recompute_granularity=self.recompute_granularity,
             recompute_method=self.recompute_method,
             recompute_num_layers=self.recompute_num_layers,
+            deallocate_pipeline_outputs=True,
         )
-        kw.update(self.fusions(kernels))
+        kw.update(self.fusions(kernels, looped))
         if self.transformer_impl == "transformer_engine":
             kw["attention_backend"] = AttnBackend[self.attention_backend]
             if self.fp8_format:
@@ -211,5 +257,10 @@ def add_fusion_args(parser: argparse.ArgumentParser) -> None:
                    help="megatron-core's fused vocab-parallel cross-entropy")
     g.add_argument("--cross-entropy-fusion-impl", choices=["native", "te"], default="native",
                    help="native: megatron-core's (no TE needed); te: Transformer Engine's")
+    g.add_argument("--no-gradient-accumulation-fusion", action="store_false", dest="gradient_accumulation_fusion",
+                   help="disable fusing the weight-gradient accumulation into the GEMM (TE, or apex for local "
+                        "linears; always off for looped models)")
+    g.add_argument("--no-persist-layer-norm", action="store_true",
+                   help="disable apex's persistent LayerNorm kernel (only for LayerNorm models with apex)")
     g.add_argument("--torch-compile", action="store_true",
                    help="torch.compile every transformer layer (training and no-cache inference)")

@@ -10,8 +10,9 @@ states, activations and the peak.
 * **activations**: the saved tensors of :mod:`.activations` for every micro-batch in flight:
   the 1F1B schedule (``pipeline_parallel/schedules.py``) runs ``min(PP - stage, M)`` forward
   passes before stage ``stage`` starts its first backward pass; each in-flight micro-batch also
-  keeps the stage's output tensor (megatron's ``deallocate_pipeline_outputs`` is off), and the
-  micro-batch being back-propagated peaks as :func:`.activations.stage_peak_bytes` says;
+  keeps the input it received (its stage output is freed once sent: ``deallocate_pipeline_outputs``
+  is on, as in Megatron-LM), and the micro-batch being back-propagated peaks as
+  :func:`.activations.stage_peak_bytes` says;
 * **peak**: all of it plus the largest transient: in 16-bit training the last stage's logits
   exist in both 16 and 32 bits during the loss (megatron's cross entropy works on an fp32 copy).
 
@@ -94,9 +95,7 @@ def stage_memory(setup: RunSetup) -> List[StageMemory]:
         stored = act.stage_stored_bytes(arch, k, mb, apps[rank], first, last, rc)
         peak_one = act.stage_peak_bytes(arch, k, mb, apps[rank], first, last, rc)
         boundary = k.act_bytes * arch.hidden_size * mb.tokens_sp
-        pipeline = 0
-        if not last:
-            pipeline += boundary  # the stage's output tensor, kept until its backward pass
+        pipeline = 0  # the stage's output tensor is freed once sent (deallocate_pipeline_outputs)
         if not first and not act._norm_keeps_its_input(k):
             pipeline += boundary  # the received input (the first norm saves a copy instead)
         once = act.rope_table_bytes(arch, mb, apps[rank], rc)  # shared by the micro-batches in flight

@@ -39,6 +39,7 @@ from ..data.tokenizer import build_tokenizer
 from ..errors import UsageError
 from ..looping.ddp import reset_grad_ready_counts
 from ..model.arch import Arch, pad_vocab_size
+from ..model.config import looped
 from ..model.gpt import GrowLoopGPTModel
 from ..model.implementation import Implementation
 from ..model.parallel import ParallelLayout
@@ -440,6 +441,7 @@ class Trainer:
             f"inference {s['inference_flops_per_token'] / 1e9:.3f} GFLOP/token; "
             f"parallel TP={self.layout.tp} PP={self.layout.pp} "
             f"DP={parallel_state.get_data_parallel_world_size()}; {self.impl.describe()}; "
+            f"{self.impl.fusion_summary(looped=looped(arch))}; "
             f"device {'cuda' if platform.has_cuda() else 'cpu'}"
         )
 
