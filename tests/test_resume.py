@@ -18,14 +18,18 @@ def _losses(path):
 
 
 def test_exact_resume_cpu_fp32(tmp_path):
-    """6 steps straight == 3 steps + save + resume + 3 steps, bitwise (fp32 on CPU)."""
+    """6 steps straight == 3 steps + save + resume + 3 steps, bitwise (fp32 on CPU); the split run
+    reads through Megatron-LM's worker data loader, which must not change the data or the position."""
     straight = tmp_path / "straight.jsonl"
     pretrain(COMMON + ["--train-iters", "6", "--metrics-file", str(straight)])
     split = tmp_path / "split.jsonl"
     ck = tmp_path / "ck"
-    pretrain(COMMON + ["--train-iters", "6", "--exit-interval", "3", "--save", str(ck), "--metrics-file", str(split)])
+    workers = ["--num-workers", "2"]
+    pretrain(COMMON + workers + ["--train-iters", "6", "--exit-interval", "3", "--save", str(ck),
+                                 "--metrics-file", str(split)])
     assert (ck / "latest_checkpointed_iteration.txt").read_text() == "3"
-    pretrain(COMMON + ["--train-iters", "6", "--load", str(ck), "--save", str(ck), "--metrics-file", str(split)])
+    pretrain(COMMON + workers + ["--train-iters", "6", "--load", str(ck), "--save", str(ck),
+                                 "--metrics-file", str(split)])
     a, b = _losses(straight), _losses(split)
     assert len(a) == len(b) == 6
     assert a == b, (a, b)

@@ -142,7 +142,8 @@ class MicroBatchIterator:
     with persistent workers, and ``pin_memory`` pins the batches for an asynchronous
     host-to-device copy, as Megatron-LM's loader does
     (``megatron/training/datasets/data_samplers.py``: ``--num-workers`` 2, ``pin_memory=True``,
-    ``persistent_workers``).  The workers read ahead from the same deterministic sampler,
+    ``persistent_workers``; the trainer defaults to 0 workers on a CPU, where they would take
+    cores from the training threads).  The workers read ahead from the same deterministic sampler,
     so the batches are the same as without them; the position counts what was *taken*,
     not what was prefetched, so resumption stays exact.
     """

@@ -156,9 +156,9 @@ def build_parser(prog: str = "megatron_growloop.pretrain",
                    help="default: the first iteration of the WSD decay")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--data-cache-path", default=None)
-    g.add_argument("--num-workers", type=int, default=2,
-                   help="data loader worker processes per rank (Megatron-LM's default 2; 0 reads in the training "
-                        "process); batches are pinned on a GPU")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="data loader worker processes per rank; default 2 on a GPU (Megatron-LM's), 0 on a CPU "
+                        "(workers would compete with training for the same cores); batches are pinned on a GPU")
     g.add_argument("--mock-data", action="store_true", help="random tokens (throughput runs)")
     g.add_argument("--tokenizer-type", choices=["HuggingFaceTokenizer", "ByteTokenizer"], default="HuggingFaceTokenizer")
     g.add_argument("--tokenizer-model", default=None, help="HF tokenizer dir, tokenizer.json, .gguf, or 'smollm2' (default)")
@@ -229,7 +229,9 @@ def validate_args(args, world_size: int, resume: Optional[Dict[str, Any]] = None
         raise UsageError(
             f"world size {world_size} is not divisible by tensor x pipeline parallel size {tp}x{pp}"
         )
-    if getattr(args, "num_workers", 0) < 0:
+    if getattr(args, "num_workers", None) is None:
+        args.num_workers = 2 if has_cuda() else 0
+    if args.num_workers < 0:
         raise UsageError(f"--num-workers must be >= 0, got {args.num_workers}")
     dp = world_size // (tp * pp)
     args.data_parallel_size = dp
