@@ -15,7 +15,10 @@ from contextlib import contextmanager
 
 
 class UsageError(ValueError):
-    """Bad input from the user; the message is one line and says what is allowed."""
+    """Bad input from the user; the message is one line and says what is allowed.
+
+    Subclasses may set ``exit_code`` (default 2) for stops that are not bad input, e.g. a
+    diverged run."""
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
@@ -39,4 +42,4 @@ def cli_errors(prog: str):
     except UsageError as exc:
         if os.environ.get("RANK", "0") == "0":
             print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        raise SystemExit(getattr(exc, "exit_code", 2))

@@ -8,10 +8,12 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ..errors import UsageError
 from ..model.arch import Arch
 from ..model.gpt import GrowLoopGPTModel, build_inference_model
+from ..training import ckpt_validate
 from ..training.checkpointing import resolve_load_dir
 from ..training.initialize import init_distributed
 
@@ -54,9 +56,10 @@ def load_model_tensors(ckpt_dir: str) -> Dict[str, torch.Tensor]:
         request = {k: v for k, v in meta.items() if k.startswith(MODEL_KEY_PREFIXES)}
         if not request:
             raise UsageError(f"checkpoint {ckpt_dir!r} holds no model tensors")
-        loaded = dist_checkpointing.load(request, ckpt_dir, validate_access_integrity=False)
+        loaded = ckpt_validate.checked_load(request, ckpt_dir, what="model tensors of",
+                                            validate_access_integrity=False)
     except UsageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - torch DCP raises many kinds
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - torch DCP raises many kinds
         raise UsageError(f"cannot read model tensors of {ckpt_dir!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
     return {k: v for k, v in loaded.items() if isinstance(v, torch.Tensor)}

@@ -20,6 +20,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from ..errors import UsageError
 from .preprocess import dataset_exists
+from .validate import SPLIT_NAMES, CheckedDataset, check_splits, sequence_lengths, validate_indexed_dataset
 
 
 def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
@@ -53,7 +54,6 @@ def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[floa
             )
     return prefixes, weights
 
-
 def build_gpt_datasets(
     blend: Tuple[List[str], Optional[List[float]]],
     tokenizer,
@@ -64,12 +64,17 @@ def build_gpt_datasets(
     cache_path: Optional[str] = None,
 ):
     """(train, valid, test) ``GPTDataset``/``BlendedDataset`` objects with at least the
-    requested number of samples each (None: not built)."""
+    requested number of samples each (None: not built -- a split asked for 0 samples is not built).
 
-    try:
-        [float(x) for x in split.replace("/", ",").split(",")]
-    except ValueError:
-        raise UsageError(f"--split {split!r}: expected comma-separated numbers like 969,30,1") from None
+    Every data set is validated first (:mod:`.validate`: index format, ``.bin`` size, token ids),
+    and every split asked for samples must receive at least one sample's worth of tokens, or one
+    line names the split, its documents and the minimum."""
+
+    prefixes = list(blend[0])
+    vocab = getattr(tokenizer, "vocab_size", None)
+    infos = [validate_indexed_dataset(p, vocab) for p in prefixes]
+    sizes = [int(n or 0) for n in num_samples]
+    matrix = check_splits(prefixes, split, sizes, seq_length, [sequence_lengths(p) for p in prefixes])
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
@@ -83,10 +88,15 @@ def build_gpt_datasets(
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    sizes = [n for n in num_samples]
+    # Splits nobody asked samples of are not built (an empty one looped forever in megatron-core).
+    config.split_matrix = matrix
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
-    return builder.build()
-
+    built = builder.build()
+    if vocab is None:
+        return built
+    names = ", ".join(i.prefix for i in infos)
+    return [None if ds is None else CheckedDataset(ds, vocab, f"{split_name} split of {names}")
+            for ds, split_name in zip(built, SPLIT_NAMES)]
 
 @dataclass
 class GlobalBatch:
@@ -108,7 +118,6 @@ class GlobalBatch:
         start = consumed_samples + micro_step * self.micro_batch_size * self.data_parallel_size
         start += self.data_parallel_rank * self.micro_batch_size
         return range(start, start + self.micro_batch_size)
-
 
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     keys = ("tokens", "labels", "loss_mask", "position_ids")

@@ -9,7 +9,7 @@ import time
 from typing import List, Optional
 
 from ..errors import ArgumentParser, cli_errors
-from .preprocess import count_tokens, iter_documents, preprocess
+from .preprocess import TextStats, count_tokens, iter_documents, write_dataset
 from .tokenizer import build_tokenizer
 
 PROG = "preprocess_data.py"
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="end every document with the tokenizer's EOD token (default)")
     eod.add_argument("--no-append-eod", dest="append_eod", action="store_false")
     p.add_argument("--workers", type=int, default=1, help="accepted for Megatron-LM compatibility (single process)")
+    p.add_argument("--encoding", default="utf-8", help="text encoding of the input files")
+    p.add_argument("--empty-texts", choices=["skip", "error"], default="skip",
+                   help="null or empty texts: skip them (counted and reported) or stop with an error")
     return p
 
 
@@ -38,12 +41,25 @@ def main(argv: Optional[List[str]] = None) -> List[str]:
         args = build_parser().parse_args(argv)
 
         tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+        # Every key is written under temporary names first; all are renamed only when all succeeded.
+        pending, reports = [], []
+        try:
+            for key in args.json_keys:
+                t0 = time.time()
+                stats = TextStats()
+                docs = iter_documents(args.input, key, encoding=args.encoding, stats=stats, empty=args.empty_texts)
+                pending.append(write_dataset(docs, args.output_prefix, tok, key, args.append_eod))
+                reports.append((key, stats, time.time() - t0))
+        except BaseException:
+            for out in pending:
+                out.discard()
+            raise
         prefixes = []
-        for key in args.json_keys:
-            t0 = time.time()
-            prefix = preprocess(iter_documents(args.input, key), args.output_prefix, tok, key, args.append_eod)
+        for out, (key, stats, dt) in zip(pending, reports):
+            prefix = out.commit()
             n = count_tokens(prefix)
-            print(f"wrote {prefix}.bin/.idx: {n} tokens in {time.time() - t0:.1f}s", flush=True)
+            skipped = f"; {stats.skipped_text(key)}" if stats.null or stats.empty else ""
+            print(f"wrote {prefix}.bin/.idx: {stats.documents} documents, {n} tokens in {dt:.1f}s{skipped}", flush=True)
             prefixes.append(prefix)
         return prefixes
 

@@ -26,7 +26,9 @@ from ..model.implementation import ATTENTION_BACKENDS, Implementation, add_fusio
 from ..model.parallel import stage_sizes_from_layout
 from ..model.presets import PRESETS, ModelPreset, get_preset
 from ..platform import has_cuda, te_importable
+from .reliability_args import add_reliability_args, check_depth_against_checkpoint, check_float_flags, check_save_path
 from .resume import apply_checkpoint_args, find_resume
+from .run_guard import fallback_before_parse
 
 ArgsProvider = Callable[[argparse.ArgumentParser], None]
 ArgsValidator = Callable[[argparse.Namespace], None]
@@ -176,6 +178,7 @@ def build_parser(prog: str = "megatron_growloop.pretrain",
     add_loop_args(p)
     for provider in extra_args_providers:
         provider(p)
+    add_reliability_args(p)
     return p
 
 
@@ -275,6 +278,9 @@ def validate_args(args, world_size: int, resume: Optional[Dict[str, Any]] = None
         raise UsageError(
             f"--lr-warmup-iters {args.lr_warmup_iters} must be smaller than --lr-decay-iters {args.lr_decay_iters}"
         )
+    check_float_flags(args)
+    if not planning:  # the planner plans a run on another machine: its --save need not exist here
+        check_save_path(args.save)
     if args.min_lr > args.lr:
         raise UsageError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     if args.lr_decay_style == "WSD":
@@ -356,6 +362,7 @@ def parse_args(
     """Parse and check ``pretrain`` flags; read the ``--load`` checkpoint's metadata once.
     ``planning``: see :func:`validate_args` (the layout planner, ``prog`` its name)."""
     args = build_parser(prog, extra_args_providers=extra_args_providers).parse_args(argv)
+    fallback_before_parse(args)  # before --load is read: a damaged latest may be replaced
     resume = find_resume(args)
     if args.use_checkpoint_args:
         apply_checkpoint_args(args, resume)
@@ -363,4 +370,5 @@ def parse_args(
     apply_preset(args)
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     validate_args(args, world, resume, extra_validators, explicit_num_layers, planning)
+    check_depth_against_checkpoint(args, resume, explicit_num_layers)
     return Launch(args, resume)

@@ -6,27 +6,30 @@ Layout (Megatron-LM's)::
     SAVE/iter_0000120/                          # torch_dist: .metadata, *.distcp, common.pt
     SAVE/iter_0000120/growloop.json             # what is needed to rebuild the model
 
-A save goes to ``iter_XXXXXXX.tmp`` first; only when every rank has finished,
-rank 0 writes ``growloop.json``, renames the directory into place and replaces
-the ``latest`` marker with an atomic rename.  A crash at any point leaves the
-previous checkpoint and marker untouched.
+A save goes to ``iter_XXXXXXX.tmp`` first; only when every rank has finished (and
+has checksummed its shard files, :mod:`.ckpt_validate`), rank 0 writes ``growloop.json``
+and ``checksums.json`` and commits the directory (:mod:`.ckpt_commit`: an existing copy
+of the same iteration is moved aside, never deleted first; the ``latest`` marker moves
+with an atomic rename).  A kill at any point leaves a loadable latest checkpoint; a
+failed save (a full disk: "no space left on device") removes its partial files.
+Loading validates the checkpoint first (:mod:`.ckpt_validate`).
 
 The distributed optimizer's state is saved as Megatron-LM saves it
 (``megatron/training/checkpointing.py``): ``dp_reshardable`` by default -- every rank
 writes its own buffers, fully parallel, no gather; it loads at another DP size but the
 same TP/PP -- and ``fully_reshardable`` (model space: loads at any TP/PP/DP) with
 ``--dist-ckpt-optim-fully-reshardable``.  The format is recorded in ``growloop.json``
-and used on load; other optimizers are always saved in model space.
+and used on load; other optimizers are always saved in model space.  Validation and
+checksums (:mod:`.ckpt_validate`) cover the torch_dist files whatever the format.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,13 +38,20 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from torch.distributed.checkpoint.api import CheckpointException
 
+from .. import platform
 from ..errors import UsageError
+from . import ckpt_commit, ckpt_validate
 from .optimizer_state import ensure_optimizer_state, load_optimizer_state
+from .save_strategy import SyncSaveStrategy
 
 FORMAT_VERSION = 1
 META_NAME = "growloop.json"
-TRACKER = "latest_checkpointed_iteration.txt"
+TRACKER = ckpt_validate.TRACKER
+# Writer threads per rank for training saves (megatron-core's default torch_dist writer also
+# writes with 2 workers per rank, but as forked processes; see save_strategy.py).
+SAVE_THREADS = 2
 FULLY_RESHARDABLE = {"distrib_optim_sharding_type": "fully_reshardable"}
 DP_RESHARDABLE = {"distrib_optim_sharding_type": "dp_reshardable"}
 OPTIMIZER_FORMATS = {"fully_reshardable": FULLY_RESHARDABLE, "dp_reshardable": DP_RESHARDABLE}
@@ -73,15 +83,15 @@ def resolve_load_dir(path: str) -> Tuple[Path, int]:
         if not text.isdigit():
             raise UsageError(f"--load {path!r}: {TRACKER} is corrupt (content {text[:40]!r})")
         ckpt = p / iter_dir_name(int(text))
-    meta_path = ckpt / META_NAME
-    if not ckpt.is_dir() or not meta_path.exists() or not (ckpt / ".metadata").exists():
-        raise UsageError(
-            f"checkpoint {str(ckpt)!r} is incomplete or corrupt (missing {META_NAME} or .metadata)"
-        )
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"checkpoint {str(ckpt)!r}: {META_NAME} is corrupt ({exc.msg})") from None
+    if not ckpt.exists():
+        # a re-save killed between its two renames: the data sits in iter_N.old
+        aside = ckpt.with_name(ckpt.name + ckpt_commit.ASIDE_SUFFIX)
+        if aside.is_dir():
+            ckpt = aside
+    problem = ckpt_validate.check_structure(ckpt)
+    if problem is not None:
+        ckpt_validate.raise_damaged(ckpt, problem)
+    meta = json.loads((ckpt / META_NAME).read_text())
     return ckpt, int(meta.get("iteration", 0))
 
 
@@ -180,22 +190,31 @@ def save_checkpoint(
     metadata: Optional[Dict[str, Any]] = None,
     sharded_strategy=None,
     optimizer_format: str = "dp_reshardable",
+    checksums: bool = True,
 ) -> str:
     """Save model (+ optimizer, scheduler, RNG, counters) at ``iteration``; return its directory.
 
-    ``sharded_strategy``: megatron-core's default torch_dist writer when None (training), or
-    e.g. :class:`~megatron_growloop.training.save_strategy.SyncSaveStrategy` (conversion).
-    ``optimizer_format``: the distributed optimizer's sharding, ``dp_reshardable`` or
-    ``fully_reshardable`` (see the module docstring)."""
+    ``sharded_strategy``: :class:`~megatron_growloop.training.save_strategy.SyncSaveStrategy`
+    (in-process writer threads, fsynced) when None.  ``optimizer_format``: the distributed
+    optimizer's sharding, ``dp_reshardable`` or ``fully_reshardable`` (see the module
+    docstring).  ``checksums``: write each shard file's
+    CRC-32 into ``checksums.json`` (sizes are always recorded).  A model with a NaN/Inf
+    parameter is never saved (one line naming the iteration).  Any failure removes the
+    partial ``iter_*.tmp``; a full disk is reported as "no space left on device"."""
     root = Path(save_dir)
     final = root / iter_dir_name(iteration)
-    tmp = root / (iter_dir_name(iteration) + ".tmp")
+    tmp = root / (iter_dir_name(iteration) + ckpt_commit.TMP_SUFFIX)
     rank0 = dist.get_rank() == 0
-    if rank0:
+    _check_finite_model(model_chunks, iteration, root)
+    if sharded_strategy is None:
+        sharded_strategy = SyncSaveStrategy(sync_files=True, thread_count=SAVE_THREADS)
+
+    def prepare():
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
+
+    _on_rank0_then_everywhere(prepare, rank0, root, tmp, iteration)
 
     model_sd = model_sharded_state_dict(model_chunks)
     state: Dict[str, Any] = {"model": model_sd}
@@ -206,9 +225,14 @@ def save_checkpoint(
     state["rng_state"] = _rng_sharded_object(rng_state())
     state["iteration"] = iteration
     state["growloop"] = dict(common or {})
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=sharded_strategy, validate_access_integrity=True)
-    dist.barrier()
-    if rank0:
+    try:
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=sharded_strategy, validate_access_integrity=True)
+        crcs = _gather_checksums(tmp) if checksums else None
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - CheckpointException is a BaseException
+        # torch DCP agrees on failures across ranks, so every rank gets here together
+        raise _save_failed(exc, rank0, root, tmp, iteration) from None
+
+    def finalize():
         meta = dict(metadata or {})
         meta.update(
             format_version=FORMAT_VERSION,
@@ -218,13 +242,90 @@ def save_checkpoint(
             distributed_optimizer=_is_distributed_optimizer(optimizer),
             optimizer_sharding=optimizer_format if _is_distributed_optimizer(optimizer) else "model_space",
         )
-        _write_atomic(tmp / META_NAME, json.dumps(meta, indent=2, sort_keys=True, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / TRACKER, str(iteration))
-    dist.barrier()
+        ckpt_commit.write_atomic(tmp / META_NAME, json.dumps(meta, indent=2, sort_keys=True, default=str))
+        manifest = ckpt_validate.build_manifest(tmp, crcs)
+        ckpt_commit.write_atomic(tmp / ckpt_validate.MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+        ckpt_commit.commit_iteration(root, tmp, final, root / TRACKER, iteration)
+
+    _on_rank0_then_everywhere(finalize, rank0, root, tmp, iteration)
     return str(final)
+
+
+def _on_rank0_then_everywhere(fn, rank0: bool, root: Path, tmp: Path, iteration: int) -> None:
+    """Run ``fn`` on rank 0 and let every rank raise the same one-line error if it failed."""
+    msg = None
+    if rank0:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            msg = str(_save_failed(exc, True, root, tmp, iteration))
+    box = [msg]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise UsageError(box[0])
+
+
+def _save_failed(exc: BaseException, rank0: bool, root: Path, tmp: Path, iteration: int) -> UsageError:
+    """Remove the partial save (rank 0) and describe the failure in one line."""
+    full = ckpt_commit.is_out_of_space(exc, root)
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    prev = latest_checkpoint(root)
+    kept = f"; the previous checkpoint {prev} is intact" if prev else ""
+    if full:
+        return UsageError(f"cannot save checkpoint iteration {iteration} to {str(root)!r}: no space left on device "
+                          f"(the partial save was removed{kept})")
+    return UsageError(f"cannot save checkpoint iteration {iteration} to {str(root)!r}: "
+                      f"{ckpt_validate.describe_exception(exc)} (the partial save was removed{kept})")
+
+
+def latest_checkpoint(root) -> Optional[str]:
+    """The directory the ``latest`` marker of a save directory names (None: no marker)."""
+    root = Path(root)
+    try:
+        text = (root / TRACKER).read_text().strip()
+    except OSError:
+        return None
+    return str(root / iter_dir_name(int(text))) if text.isdigit() else None
+
+
+def _gather_checksums(tmp: Path) -> Dict[str, int]:
+    """CRC-32 of every torch_dist file of ``tmp``: each rank checksums its share (the files are
+    still in the page cache), rank 0 gets them all."""
+    files = ckpt_validate.manifest_files(tmp)
+    world = dist.get_world_size()
+    mine = ckpt_validate.checksum_files(ckpt_validate.my_share(files, dist.get_rank(), world))
+    if world == 1:
+        return mine
+    parts: List[Optional[Dict[str, int]]] = [None] * world
+    dist.all_gather_object(parts, mine)
+    out: Dict[str, int] = {}
+    for part in parts:
+        out.update(part or {})
+    return out
+
+
+def _check_finite_model(model_chunks, iteration: int, root: Path) -> None:
+    """Refuse to save NaN/Inf parameters (every rank checks its own; the verdict is shared)."""
+    bad = torch.zeros(1, dtype=torch.float32, device=_flag_device())
+    for chunk in model_chunks:
+        for p in unwrap(chunk).parameters():
+            if not bool(torch.isfinite(p.detach()).all()):
+                bad.fill_(1.0)
+                break
+    if dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() > 0:
+        prev = latest_checkpoint(root)
+        raise UsageError(
+            f"refusing to save checkpoint iteration {iteration}: the model has NaN/Inf parameters "
+            f"(last good checkpoint: {prev or 'none'})"
+        )
+
+
+def _flag_device():
+    return platform.device()
 
 
 def _check_dp_reshardable_layout(ckpt: Path, meta: Dict[str, Any]) -> None:
@@ -246,15 +347,6 @@ def _is_distributed_optimizer(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in inner)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def load_checkpoint(
     load_dir: str,
     model_chunks,
@@ -265,6 +357,7 @@ def load_checkpoint(
     """Load into live model (and optimizer/scheduler); return the common state and metadata."""
     ckpt, _ = resolve_load_dir(load_dir)
     meta = json.loads((ckpt / META_NAME).read_text())
+    ckpt_validate.validate_for_load(ckpt)  # before anything reads the shards
     model_sd = model_sharded_state_dict(model_chunks)
     absent = _absent_extra_state(ckpt, model_sd)
     request: Dict[str, Any] = {"model": {k: v for k, v in model_sd.items() if k not in absent}}
@@ -285,12 +378,7 @@ def load_checkpoint(
     same_layout = meta.get("parallel") == _parallel_layout()
     if load_rng and same_layout:
         request["rng_state"] = _rng_sharded_object()
-    try:
-        loaded = dist_checkpointing.load(request, str(ckpt))
-    except Exception as exc:  # noqa: BLE001
-        raise UsageError(
-            f"cannot load checkpoint {str(ckpt)!r}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-        ) from None
+    loaded = ckpt_validate.checked_load(request, ckpt)
     unwrap(model_chunks[0]).load_state_dict({**loaded["model"], **{k: None for k in absent}}, strict=True)
     if load_optim:
         load_optimizer_state(optimizer, loaded["optimizer"])
