@@ -165,7 +165,7 @@ def test_damaged_checkpoint_names_the_file_and_the_newest_intact(trained, tmp_pa
     """Each damage is found before loading; the one-line message names the file and the newest
     intact iteration (what pretrain, convert and eval print)."""
     from megatron_growloop.training.ckpt_validate import DamagedCheckpoint
-    from megatron_growloop.training.run_guard import select_checkpoint
+    from megatron_growloop.training.ckpt_select import select_checkpoint
 
     ck = copy_ckpt(trained[0], tmp_path / "ck")
     DAMAGE[damage](ck / "iter_0000004")

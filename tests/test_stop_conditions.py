@@ -31,7 +31,7 @@ def test_time_limit(dist_1rank):
     stop = StopConditions((), exit_duration_in_mins=1.0, start_time=time.time() - 61)
     v = stop.check(1.0, 1.0)
     assert v.time_up_minutes is not None and v.exit_reason.startswith("--exit-duration-in-mins reached")
-    assert StopConditions((), exit_duration_in_mins=1.0).check(1.0, 1.0).exit_reason is None
+    assert StopConditions((), exit_duration_in_mins=1.0, start_time=time.time()).check(1.0, 1.0).exit_reason is None
 
 
 @pytest.mark.parametrize("loss,grad,diverged", [(1.0, 2.0, False), (math.nan, 2.0, True), (1.0, math.inf, True),

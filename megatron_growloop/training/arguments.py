@@ -26,9 +26,15 @@ from ..model.implementation import ATTENTION_BACKENDS, Implementation, add_fusio
 from ..model.parallel import stage_sizes_from_layout
 from ..model.presets import PRESETS, ModelPreset, get_preset
 from ..platform import has_cuda, te_importable
-from .reliability_args import add_reliability_args, check_depth_against_checkpoint, check_float_flags, check_save_path
+from .reliability_args import (
+    add_reliability_args,
+    check_depth_against_checkpoint,
+    check_float_flags,
+    check_reliability_flags,
+    check_save_path,
+)
+from .ckpt_select import fallback_before_parse
 from .resume import apply_checkpoint_args, find_resume
-from .run_guard import fallback_before_parse
 
 ArgsProvider = Callable[[argparse.ArgumentParser], None]
 ArgsValidator = Callable[[argparse.Namespace], None]
@@ -281,6 +287,7 @@ def validate_args(args, world_size: int, resume: Optional[Dict[str, Any]] = None
     check_float_flags(args)
     if not planning:  # the planner plans a run on another machine: its --save need not exist here
         check_save_path(args.save)
+    check_reliability_flags(args)
     if args.min_lr > args.lr:
         raise UsageError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
     if args.lr_decay_style == "WSD":

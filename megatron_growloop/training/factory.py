@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -29,6 +29,7 @@ from ..model.arch import Arch
 from ..model.fusions import compile_layers
 from ..model.gpt import GrowLoopGPTModel, build_model
 from ..model.implementation import Implementation
+from ..model.layout_init import initialize_layout_independent
 from ..model.parallel import ParallelLayout
 from .checkpointing import unwrap
 from .fused_optimizer import install_foreach_multi_tensor_ops, use_torch_fused_adam
@@ -93,9 +94,17 @@ def build_stack(
     impl: Implementation,
     optim: OptimizerSettings,
     repeat_blocks=(),
+    init_seed: Optional[int] = None,
 ) -> ModelStack:
-    """Model + DDP + Megatron optimizer for ``arch`` on this rank, ready for the pipeline schedules."""
-    model = build_model(arch, layout, impl, [RepeatBlock.parse(str(b)) for b in repeat_blocks])
+    """Model + DDP + Megatron optimizer for ``arch`` on this rank, ready for the pipeline schedules.
+
+    ``init_seed``: draw the initial weights as a function of (seed, parameter name, global layer)
+    only (:mod:`~megatron_growloop.model.layout_init`: every TP/PP/DP layout starts from the
+    weights of one process); None: megatron-core's per-rank initialization."""
+    model = build_model(arch, layout, impl, [RepeatBlock.parse(str(b)) for b in repeat_blocks],
+                        initialize=init_seed is None)
+    if init_seed is not None:
+        initialize_layout_independent(model, init_seed)
     config = model.config
     if impl.torch_compile:
         compile_layers(model)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from ..errors import UsageError
+from .stop_conditions import parse_signals
 
 
 def add_reliability_args(parser) -> None:
@@ -24,6 +25,21 @@ def add_reliability_args(parser) -> None:
                    help="do not write CRC-32 checksums of the shard files at save (sizes are always recorded)")
     g.add_argument("--no-verify-ckpt-checksums", action="store_true",
                    help="do not verify shard checksums before loading (sizes are always checked)")
+    g.add_argument("--exit-signals", default="SIGTERM,SIGUSR1",
+                   help="signals that make the run finish its step, save and exit 0 (what SLURM sends "
+                        "before preemption or the time limit)")
+    g.add_argument("--no-exit-signal-handler", dest="exit_signal_handler", action="store_false", default=True,
+                   help="let --exit-signals act as usual (kill the process) instead")
+    g.add_argument("--exit-signal-handler", dest="exit_signal_handler", action="store_true",
+                   help="Megatron-LM's flag; on by default here")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="finish the step, save and exit 0 once this many minutes have passed since start")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false", default=True,
+                   help="do not stop on a NaN/Inf loss or gradient norm (Megatron-LM's flag)")
+    g.add_argument("--no-layout-independent-init", dest="layout_independent_init", action="store_false",
+                   default=True,
+                   help="initialize with megatron-core's per-rank RNG streams (weights then depend on TP/PP)")
 
 
 # (flag, lower bound, lower bound inclusive?) for float flags; every one must also be finite.
@@ -39,6 +55,18 @@ _FLOAT_BOUNDS = (
     ("norm_epsilon", 0.0, False),
     ("rotary_base", 0.0, False),
 )
+
+
+def check_reliability_flags(args) -> None:
+    """The reliability flags themselves."""
+    args.exit_signal_numbers = parse_signals(args.exit_signals.split(",")) if args.exit_signal_handler else ()
+    d = args.exit_duration_in_mins
+    if d is not None and (not math.isfinite(d) or d <= 0):
+        raise UsageError(f"--exit-duration-in-mins {d} must be a positive number of minutes")
+    if args.fp16 and args.check_for_nan_in_loss_and_grad:
+        # As Megatron-LM (arguments.py): with dynamic loss scaling an Inf gradient is the loss
+        # scaler's signal to skip the step, not divergence.
+        args.check_for_nan_in_loss_and_grad = False
 
 
 def check_float_flags(args) -> None:

@@ -1,8 +1,9 @@
 """What a training run does around its work: take the ``--save`` lock, clean up after
 interrupted saves, and choose (validate) the ``--load`` checkpoint -- on every rank alike.
 
->>> trainer = Trainer(args)                  # process groups exist from here on
->>> with guarded_run(args):                  # lock, leftovers, checkpoint selection
+>>> init_distributed(...)                    # process groups exist from here on
+>>> with guarded_run(launch) as launch:      # lock, leftovers, checkpoint selection
+...     trainer = Trainer(launch)            # the --load it resumes may have changed (fallback)
 ...     trainer.setup(); trainer.train()     # the lock is released however this ends
 
 Rank 0 holds the lock; its verdict is broadcast so every rank raises the same one-line
@@ -13,13 +14,16 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Iterator, Optional
 
 import torch.distributed as dist
 
 from ..errors import UsageError
 from . import ckpt_commit, ckpt_validate
-from .checkpointing import resolve_load_dir
+from .arguments import Launch
+from .checkpointing import read_metadata
+from .ckpt_select import select_checkpoint
 from .save_lock import SaveLock
 
 
@@ -36,8 +40,10 @@ def _is_rank0() -> bool:
 
 
 @contextmanager
-def guarded_run(args, log=print) -> Iterator[Optional[SaveLock]]:
-    """Lock ``args.save`` (rank 0), recover it, select ``args.load``; release the lock at the end."""
+def guarded_run(launch: Launch, log=print) -> Iterator[Launch]:
+    """Lock ``--save`` (rank 0), recover it, select ``--load``; release the lock at the end.
+    Yields the launch, with the checkpoint metadata re-read when ``--load`` changed (fallback)."""
+    args = launch.args
     lock = SaveLock(args.save) if args.save else None
     msg = None
     if lock is not None and _is_rank0():
@@ -54,33 +60,14 @@ def guarded_run(args, log=print) -> Iterator[Optional[SaveLock]]:
                 log(line, flush=True)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.barrier()
+        before = args.load
         select_load(args)
-        yield lock
+        if args.load != before:
+            launch = replace(launch, resume=read_metadata(args.load))
+        yield launch
     finally:
         if lock is not None and _is_rank0():
             lock.release()
-
-
-def select_checkpoint(load: str, fallback: bool, checksums: bool, announce: bool = True) -> Optional[str]:
-    """The checkpoint ``--load`` should use: the directory of the latest (validated) one.  A damaged latest raises one line, or -- with
-    ``fallback`` -- is replaced by the newest intact one (with a message)."""
-    try:
-        ckpt, _ = resolve_load_dir(load)
-        if checksums:
-            problem = ckpt_validate.verify_checksums(ckpt)
-            if problem is not None:
-                ckpt_validate.raise_damaged(ckpt, problem, verify_checksums=True)
-        return str(ckpt)
-    except ckpt_validate.DamagedCheckpoint as dmg:
-        if not fallback:
-            raise
-        if dmg.intact is None:
-            raise
-        intact = dmg.intact  # newest_intact verified its checksums too (same answer on every rank)
-        if announce:
-            print(f"checkpoint {dmg.ckpt} is damaged ({dmg.problem}); --ckpt-fallback-to-previous: "
-                  f"loading {intact}", flush=True)
-        return intact
 
 
 def select_load(args) -> None:
@@ -95,18 +82,4 @@ def select_load(args) -> None:
     if not verify and chosen:
         ckpt_validate.mark_verified(chosen)
     if chosen and fallback and os.path.abspath(chosen) != os.path.abspath(ckpt_validate.latest_dir(load) or chosen):
-        args.load = chosen
-
-
-def fallback_before_parse(args) -> None:
-    """Structural fallback that must happen before ``--use-checkpoint-args`` reads the
-    checkpoint's architecture (no process group yet; no checksums)."""
-    if not getattr(args, "load", None) or not getattr(args, "ckpt_fallback_to_previous", False):
-        return
-    if not ckpt_validate.holds_checkpoint(args.load):
-        return
-    chosen = select_checkpoint(args.load, fallback=True, checksums=False,
-                                             announce=os.environ.get("RANK", "0") == "0")
-    latest = ckpt_validate.latest_dir(args.load)
-    if chosen and latest and os.path.abspath(chosen) != os.path.abspath(latest):
         args.load = chosen

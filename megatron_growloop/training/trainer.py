@@ -54,6 +54,7 @@ from .logger import MetricsLogger
 from .optimizer_state import local_optimizer_state
 from .loop_curriculum import LoopRepeatsCurriculum
 from .resume import resolve_arch
+from .stop_conditions import StepVerdict, StopConditions, TrainingDiverged, divergence_message
 
 
 @dataclass
@@ -164,8 +165,8 @@ class Trainer:
     def config(self):
         return self.stack.config
 
-    def _build(self) -> None:
-        self.stack = build_stack(self.arch, self.layout, self.impl, self.optim)
+    def _build(self, init_seed: Optional[int] = None) -> None:
+        self.stack = build_stack(self.arch, self.layout, self.impl, self.optim, init_seed=init_seed)
         if self.scheduler is None:
             self.scheduler = build_scheduler(self.optimizer, self.args)
         self._grad_sync_layers = None
@@ -284,6 +285,7 @@ class Trainer:
                 common={"state": self.state.to_dict()},
                 metadata={**self.checkpoint_metadata(), **(extra_metadata or {})},
                 optimizer_format=optimizer_format,
+                checksums=not getattr(self.args, "no_ckpt_checksums", False),
             )
 
     def _load(self) -> None:
@@ -311,8 +313,8 @@ class Trainer:
             parallel_state.get_data_parallel_rank(),
         )
         n_train = a.train_iters * a.global_batch_size
-        n_eval_rounds = (a.train_iters // a.eval_interval + 1) if a.eval_interval else 1
-        n_valid = n_eval_rounds * a.eval_iters * a.global_batch_size
+        # no validation split is built unless it is used (a split too small for one sample is refused)
+        n_valid = (a.train_iters // a.eval_interval + 1) * a.eval_iters * a.global_batch_size if a.eval_interval else 0
         self.cooldown_ds = None
         if a.mock_data:
             vocab = self.arch.padded_vocab_size if self.tokenizer is None else self.tokenizer.vocab_size
@@ -418,12 +420,26 @@ class Trainer:
             m.train()
         return self._reduce_losses(all_losses)
 
+    def _diverged(self, it: int, out: Dict[str, Any], verdict: StepVerdict) -> None:
+        """Stop without saving: one line naming the iteration and the last good checkpoint."""
+        values = [out["loss"], None if out["grad_norm"] is None else float(out["grad_norm"])]
+        if self.world_size > 1:  # the last pipeline stage knows the loss; rank 0 prints the message
+            dist.broadcast_object_list(values, src=self.world_size - 1)
+        a = self.args
+        last = (checkpointing.latest_checkpoint(a.save) if a.save else None) or a.load
+        self.stop.release()
+        raise TrainingDiverged(divergence_message(it, values[0], values[1], verdict, last))
+
     # ------------------------------------------------------------------ main loop
     def setup(self) -> None:
         a = self.args
         if a.fresh_start and self.is_logging_rank:
             print(f"no checkpoint in {a.save} yet: starting from scratch", flush=True)
-        self._build()
+        # signals are recorded from here on and acted on between training steps
+        self.stop = StopConditions(getattr(a, "exit_signal_numbers", ()), getattr(a, "exit_duration_in_mins", None),
+                                   getattr(a, "check_for_nan_in_loss_and_grad", True))
+        fresh_weights = not a.load and getattr(a, "layout_independent_init", False)
+        self._build(init_seed=a.seed if fresh_weights else None)
         if a.load:
             self._load()
         self.build_data()
@@ -481,6 +497,7 @@ class Trainer:
         last = {"loss": None}
         window_t, window_flops, window_tokens, window_n = 0.0, 0.0, 0, 0
         final_eval = None
+        stopped = None
         while self.state.iteration < a.train_iters:
             for c in self.controllers:
                 c.before_step(self)
@@ -518,6 +535,13 @@ class Trainer:
                     metrics["mfu"] = tflops * 1e12 / peak
                 logger.log(it, metrics)
                 window_t, window_flops, window_tokens, window_n = 0.0, 0.0, 0, 0
+            # signals, time limit, NaN/Inf: one verdict for all ranks, before anything is saved
+            verdict = self.stop.check(out["loss"], out["grad_norm"], platform.device())
+            if verdict.diverged:
+                self._diverged(it, out, verdict)
+            if verdict.exit_reason:
+                stopped = verdict.exit_reason
+                break
             if a.eval_interval and it % a.eval_interval == 0:
                 val = self.evaluate()
                 final_eval = val
@@ -529,7 +553,12 @@ class Trainer:
             if a.exit_interval and it % a.exit_interval == 0:
                 break
         saved = self.save() if a.save else None
+        self.stop.release()
+        if stopped:
+            where = f"checkpoint saved to {saved}" if saved else "no --save directory, nothing saved"
+            logger.text(f"{stopped} at iteration {self.state.iteration}: {where}; exiting")
         summary = {
+            "stopped": stopped,
             "iteration": self.state.iteration,
             "final_loss": last.get("loss"),
             "validation_loss": final_eval,
