@@ -338,6 +338,11 @@ def verify_checksums(ckpt_dir: os.PathLike) -> Optional[Problem]:
     return problem
 
 
+def forget_verified() -> None:
+    """Verify every checkpoint again on its next load (benchmarks, tests)."""
+    _VERIFIED.clear()
+
+
 def mark_verified(ckpt_dir: os.PathLike) -> None:
     """Skip checksum verification of this checkpoint in this process (``--no-verify-ckpt-checksums``)."""
     ckpt = Path(ckpt_dir).resolve()
