@@ -23,7 +23,7 @@ def test_draws_follow_megatrons_init_rules(dist_1rank):
     output-projection std, ones for norms) -- only the stream differs."""
     torch.manual_seed(0)
     ref = build_model(ARCH, to_device=False)
-    ours = build_model(ARCH, initialize=False, to_device=False)
+    ours = build_model(ARCH, to_device=False)
     n = initialize_layout_independent(ours, seed=5)
     assert n == sum(p.numel() for p in ours.parameters())
     for (name, a), (_, b) in zip(ref.named_parameters(), ours.named_parameters()):
@@ -35,7 +35,7 @@ def test_draws_follow_megatrons_init_rules(dist_1rank):
 
 
 def test_same_seed_same_weights_other_seed_other_weights(dist_1rank):
-    a, b, c = (build_model(ARCH, initialize=False, to_device=False) for _ in range(3))
+    a, b, c = (build_model(ARCH, to_device=False) for _ in range(3))
     for m, s in ((a, 1), (b, 1), (c, 2)):
         initialize_layout_independent(m, s)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))

@@ -7,6 +7,7 @@ training run.  When you use a new private attribute, add it to this file.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 
@@ -77,9 +78,36 @@ def test_private_hooks_exist_with_the_semantics_we_rely_on():
 def test_private_checkpoint_helpers():
     from megatron.core.dist_checkpointing.strategies import torch as mtorch
 
-    # training/save_strategy.py: the synchronous torch_dist writer reuses megatron's key mapping.
+    # training/save_strategy.py: the synchronous torch_dist writer (used for every save: training,
+    # conversion, growth scratch) reuses megatron's key mapping, state-dict conversion and planner.
     fn = mtorch._replace_state_dict_keys_with_sharded_keys
     assert list(inspect.signature(fn).parameters)[:2] == ["sharded_state_dict", "keep_only_main_replica"]
+    for name in ("mcore_to_pyt_state_dict", "MCoreSavePlanner", "TorchDistSaveShardedStrategy"):
+        assert hasattr(mtorch, name), name
+
+
+def test_split_matrix_is_read_from_the_config():
+    """data/datasets.py sets ``config.split_matrix`` after construction (to not build splits nobody
+    asks samples of: an empty one loops forever in ``GPTDataset._get_num_epochs``); the builder
+    must read that attribute rather than re-deriving it from ``split``."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    names = {f.name for f in dataclasses.fields(BlendedMegatronDatasetConfig)}
+    assert "split_matrix" in names
+    assert "self.config.split_matrix" in inspect.getsource(BlendedMegatronDatasetBuilder._build_blended_dataset_splits)
+    assert hasattr(GPTDataset, "_get_num_epochs")  # the loop data/validate.py guards against
+
+
+def test_tensor_parallel_attributes_are_set_by_initialization():
+    """training/factory.py keeps megatron-core's initialization before the layout-independent
+    re-draw because ``_initialize_affine_weight_gpu`` is where the tensor-parallel attributes of
+    the weights are set (the gradient norm needs them at TP>1)."""
+    from megatron.core.tensor_parallel import layers
+
+    src = inspect.getsource(layers._initialize_affine_weight_gpu)
+    assert "set_tensor_model_parallel_attributes" in src
 
 
 def test_rotary_embedding_apply_scaling_takes_all_llama3_factors():

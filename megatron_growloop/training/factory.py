@@ -101,8 +101,10 @@ def build_stack(
     ``init_seed``: draw the initial weights as a function of (seed, parameter name, global layer)
     only (:mod:`~megatron_growloop.model.layout_init`: every TP/PP/DP layout starts from the
     weights of one process); None: megatron-core's per-rank initialization."""
-    model = build_model(arch, layout, impl, [RepeatBlock.parse(str(b)) for b in repeat_blocks],
-                        initialize=init_seed is None)
+    # megatron-core initializes first even when the weights are re-drawn: its init also marks the
+    # tensor-parallel weights (set_tensor_model_parallel_attributes in _initialize_affine_weight_gpu),
+    # which the gradient-norm computation needs; without it TP>1 training clips differently.
+    model = build_model(arch, layout, impl, [RepeatBlock.parse(str(b)) for b in repeat_blocks])
     if init_seed is not None:
         initialize_layout_independent(model, init_seed)
     config = model.config
