@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import print_table, write_json  # noqa: E402
 from megatron_growloop.model.arch import Arch, pad_vocab_size  # noqa: E402
 from megatron_growloop.model.gpt import build_model  # noqa: E402
-from megatron_growloop.model.layout_init import _sharded_tensors, derive_seed  # noqa: E402
+from megatron_growloop.model.layout_init import derive_seed, sharded_tensors  # noqa: E402
 from megatron_growloop.model.presets import get_preset  # noqa: E402
 from megatron_growloop.training.initialize import init_distributed  # noqa: E402
 
@@ -43,7 +43,7 @@ def tensors_of(preset: str):
     with torch.device("meta"):
         model = build_model(arch, initialize=False, to_device=False)
     seen, out = set(), []
-    for sh in _sharded_tensors(model.sharded_state_dict()):
+    for sh in sharded_tensors(model.sharded_state_dict()):
         k = sh.prepend_axis_num
         ident = (sh.key, tuple(sh.global_offset[:k]))
         if ident in seen or not isinstance(sh.data, torch.Tensor) or sh.data.dim() == 0:

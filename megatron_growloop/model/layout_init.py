@@ -43,17 +43,17 @@ def derive_seed(seed: int, key: str, layer: Tuple[int, ...]) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def _sharded_tensors(sd) -> Iterator:
+def sharded_tensors(sd) -> Iterator:
     """Every ShardedTensor of a (nested) sharded state dict; factories are built (their pieces
     are views of the parameter)."""
     if isinstance(sd, dict):
         for v in sd.values():
-            yield from _sharded_tensors(v)
+            yield from sharded_tensors(v)
     elif isinstance(sd, (list, tuple)):
         for v in sd:
-            yield from _sharded_tensors(v)
+            yield from sharded_tensors(v)
     elif isinstance(sd, ShardedTensorFactory):
-        yield from _sharded_tensors(sd.build())
+        yield from sharded_tensors(sd.build())
     elif isinstance(sd, ShardedTensor):
         yield sd
 
@@ -92,7 +92,7 @@ def initialize_layout_independent(model, seed: int) -> int:
     params = {p.data_ptr() for p in model.parameters()}
     cache: Dict[Tuple[str, Tuple[int, ...]], torch.Tensor] = {}
     drawn, covered = 0, set()
-    for sh in _sharded_tensors(sd):
+    for sh in sharded_tensors(sd):
         data = sh.data
         if not isinstance(data, torch.Tensor) or sh.flattened_range is not None:
             continue
