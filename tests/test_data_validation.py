@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, _env, read_metrics
+from conftest import read_metrics
 from reliability_util import TINY, assert_one_line_error, overwrite, run
 
 from megatron_growloop.data import validate
