@@ -1,6 +1,8 @@
 """Cost of the checkpoint reliability features (issue 14), measured side by side in one process:
 
-* a training save (model + Megatron optimizer + scheduler) with and without the per-shard CRC-32
+* a training save (model + megatron-core's distributed optimizer, its state in the default
+  ``dp_reshardable`` format; ``--no-distributed-optimizer``: the plain optimizer, model space)
+  with and without the per-shard CRC-32
   (``--no-ckpt-checksums``), alternating, several rounds;
 * the same save through megatron-core's default torch_dist writer (forked writer processes) and
   through the in-process writer threads used for training saves now (``training/save_strategy.py``);
@@ -56,10 +58,11 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temp dir)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-distributed-optimizer", dest="distributed_optimizer", action="store_false", default=True)
     a = ap.parse_args()
     init_distributed(1, 1)
     arch = _arch(a.preset)
-    stack = build_stack(arch, ParallelLayout(), Implementation(), OptimizerSettings(), init_seed=1)
+    stack = build_stack(arch, ParallelLayout(), Implementation(), OptimizerSettings(use_distributed_optimizer=a.distributed_optimizer), init_seed=1)
     for m in stack.chunks:
         m.zero_grad_buffer()
     stack.optimizer.step()  # Adam moments exist, as after a training step
@@ -106,10 +109,12 @@ def main():
         {"what": "structure check before load", "seconds": struct_s},
         {"what": "load (model + optimizer), verification included", "seconds": load_s},
     ]
-    print(f"{a.preset}: checkpoint {size / 2**20:.1f} MiB (model + Adam state, fp32), {a.rounds} rounds (median); "
+    optim = "distributed optimizer, dp_reshardable" if a.distributed_optimizer else "plain optimizer"
+    print(f"{a.preset}: checkpoint {size / 2**20:.1f} MiB (model + Adam state, fp32; {optim}), "
+          f"{a.rounds} rounds (median); "
           f"zlib.crc32 {crc_rate:.2f} GB/s in memory")
     print_table(rows, ["what", "seconds"])
-    write_json(a.out, {"preset": a.preset, "checkpoint_bytes": size, "rounds": a.rounds, "crc32_GBps": crc_rate,
+    write_json(a.out, {"preset": a.preset, "optimizer": optim, "checkpoint_bytes": size, "rounds": a.rounds, "crc32_GBps": crc_rate,
                        "rows": rows, "save_times": times})
 
 

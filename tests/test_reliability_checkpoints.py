@@ -254,3 +254,51 @@ def test_describe_exception_unwraps_checkpoint_exception():
     exc = CheckpointException("save", {1: wrapped})
     assert not isinstance(exc, Exception)
     assert describe_exception(exc) == "rank 1: OSError: [Errno 28] No space left on device"
+
+
+# ------------------------------------------------------------------------------ dp_reshardable
+@pytest.fixture(scope="module")
+def trained_dp_reshardable(tmp_path_factory):
+    """Like ``trained`` with the distributed optimizer, whose state is saved ``dp_reshardable``
+    (every rank its own buffers; the default since issue 12)."""
+    root = tmp_path_factory.mktemp("trained_dp")
+    ck, metrics = root / "ck", root / "m.jsonl"
+    proc = run(PRE, TINY + ["--use-distributed-optimizer", "--train-iters", "4", "--save-interval", "2",
+                            "--save", ck, "--metrics-file", metrics])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ck, read_metrics(metrics)
+
+
+def test_dp_reshardable_optimizer_state_is_checksummed_validated_and_resumed(trained_dp_reshardable, tmp_path,
+                                                                            dist_1rank):
+    """The manifest covers the dp_reshardable format's files; bytes overwritten inside the
+    optimizer's buffers (size unchanged) are found before loading, with the file named; the
+    fallback resumes iteration 2 and retrains 3 and 4 bitwise."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_growloop.training.ckpt_select import select_checkpoint
+    from megatron_growloop.training.ckpt_validate import MANIFEST, DamagedCheckpoint, check_checksums
+
+    src, original = trained_dp_reshardable
+    ck = copy_ckpt(src, tmp_path / "ck")
+    d = ck / "iter_0000004"
+    assert json.loads((d / "growloop.json").read_text())["optimizer_sharding"] == "dp_reshardable"
+    m = json.loads((d / MANIFEST).read_text())
+    assert all(p.name in m["files"] for p in d.glob("*.distcp")) and check_checksums(d) is None
+    md = FileSystemReader(str(d)).read_metadata()
+    optim = [v for k, v in md.storage_data.items() if k.fqn.startswith("optimizer")]
+    assert optim, sorted({k.fqn for k in md.storage_data})[:20]
+    info = max(optim, key=lambda v: v.length)
+    overwrite(d / info.relative_path, info.offset, min(4096, info.length))
+    with pytest.raises(DamagedCheckpoint) as err:
+        select_checkpoint(str(ck), fallback=False, checksums=True)
+    msg = str(err.value)
+    for needle in ("fails its checksum", info.relative_path, f"newest intact checkpoint: '{ck / 'iter_0000002'}'"):
+        assert needle in msg, (needle, msg)
+    metrics = tmp_path / "m.jsonl"
+    proc = run(PRE, TINY + ["--use-distributed-optimizer", "--train-iters", "4", "--load", ck, "--save", ck,
+                            "--ckpt-fallback-to-previous", "--metrics-file", metrics])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [(r["iteration"], r["loss"]) for r in read_metrics(metrics)]
+    assert got == [(r["iteration"], r["loss"]) for r in original[2:]]
+    assert check_checksums(d) is None

@@ -46,3 +46,13 @@ def test_unknown_signal_is_one_line():
         parse_signals(["SIGKILL"])
     with pytest.raises(UsageError, match="'NOPE'"):
         parse_signals(["NOPE"])
+
+
+def test_a_device_tensor_is_refused_not_synced(dist_1rank):
+    """The check takes host values only, so it never adds a host sync: a loss still on the device
+    must be reduced for logging first (the caller passes ``None`` on the other steps)."""
+    import torch
+
+    with pytest.raises(TypeError, match="host values"):
+        StopConditions(()).check(torch.tensor(1.0), 1.0)
+    assert not StopConditions(()).check(None, 1.0).diverged  # a step between log intervals

@@ -1,6 +1,21 @@
 """When a training run stops early: exit signals, a time limit, divergence.
 
-Checked between training steps, with one small all-reduce so every rank decides alike:
+Checked between training steps, with one small all-reduce so every rank decides alike.  The
+all-reduce is of *host* values over a CPU (gloo) group: the check never waits for the device
+(no host sync of its own), so it may run every step.  What it is given:
+
+* the **gradient norm**, every step: megatron-core's optimizer returns it as a Python float (its
+  ``get_grad_norm_fp32`` ``.item()``-s the norm to clip with), so it costs nothing more; a NaN/Inf
+  loss makes the gradients, hence the norm, non-finite in the same step (``--clip-grad 0``: no
+  norm is computed, ``None``);
+* the **loss** only when a host value already exists -- the value reduced for logging at a log
+  interval (the mean over the window: a NaN at any of its steps makes it NaN), ``None`` on the
+  other steps.  A device tensor is refused (``TypeError``) rather than silently ``.item()``-ed.
+  A NaN that only the loss would show is therefore caught at the next log interval, and
+  :func:`~.checkpointing.save_checkpoint` independently refuses to save a non-finite model.
+
+The conditions:
+
 
 * **signals** (Megatron-LM ``--exit-signal-handler``: ``megatron/training/dist_signal_handler.py``
   records the signal in a handler, ``training.py`` ``checkpoint_and_decide_exit`` all-gathers the
@@ -100,7 +115,19 @@ class StepVerdict:
 def _finite(x) -> bool:
     if x is None:
         return True
+    if isinstance(x, torch.Tensor):
+        raise TypeError("StopConditions.check takes host values (a float or None), not a tensor: "
+                        "pass the loss once it has been reduced for logging")
     return math.isfinite(float(x))
+
+
+def _host_group():
+    """A CPU group over all ranks for the verdict (the default group when it is gloo already)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")  # collective: every rank builds its StopConditions alike
 
 
 class StopConditions:
@@ -112,14 +139,16 @@ class StopConditions:
         self.exit_duration_in_mins = exit_duration_in_mins
         self.check_divergence = check_divergence
         self.start_time = start_time
+        self.group = _host_group()
 
     def release(self) -> None:
         if self.flag is not None:
             self.flag.release()
 
-    def check(self, loss: Optional[float] = None, grad_norm: Optional[float] = None, device=None) -> StepVerdict:
-        """Collective: every rank passes its view (the loss is known on the last pipeline stage
-        only, ``None`` elsewhere) and gets the same verdict."""
+    def check(self, loss: Optional[float] = None, grad_norm: Optional[float] = None) -> StepVerdict:
+        """Collective (host values, CPU group): every rank passes its view -- the loss where a
+        host value exists (the last pipeline stage, at a log interval; ``None`` elsewhere), the
+        gradient norm -- and gets the same verdict."""
         minutes = (time.time() - self.start_time) / 60.0
         sig = self.flag.received if self.flag is not None else None
         flags = torch.tensor(
@@ -130,10 +159,9 @@ class StopConditions:
                 0.0 if (not self.check_divergence or _finite(grad_norm)) else 1.0,
             ],
             dtype=torch.float64,
-            device=device,
         )
         if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         f = flags.tolist()
         return StepVerdict(
             signal_name=signal.Signals(int(f[0])).name if f[0] else None,

@@ -420,9 +420,9 @@ class Trainer:
             m.train()
         return self._reduce_losses(all_losses)
 
-    def _diverged(self, it: int, out: Dict[str, Any], verdict: StepVerdict) -> None:
+    def _diverged(self, it: int, loss: Optional[float], grad_norm: Optional[float], verdict: StepVerdict) -> None:
         """Stop without saving: one line naming the iteration and the last good checkpoint."""
-        values = [out["loss"], None if out["grad_norm"] is None else float(out["grad_norm"])]
+        values = [loss, None if grad_norm is None else float(grad_norm)]
         if self.world_size > 1:  # the last pipeline stage knows the loss; rank 0 prints the message
             dist.broadcast_object_list(values, src=self.world_size - 1)
         a = self.args
@@ -535,10 +535,13 @@ class Trainer:
                     metrics["mfu"] = tflops * 1e12 / peak
                 logger.log(it, metrics)
                 window_t, window_flops, window_tokens, window_n = 0.0, 0.0, 0, 0
-            # signals, time limit, NaN/Inf: one verdict for all ranks, before anything is saved
-            verdict = self.stop.check(out["loss"], out["grad_norm"], platform.device())
+            # signals, time limit, NaN/Inf: one verdict for all ranks, before anything is saved.  Host
+            # values only (stop_conditions.py): the grad norm every step (megatron-core's optimizer
+            # returns a float), the loss where a host value exists -- _reduce_losses returns one
+            # every step today; with the loss kept on the device, pass the value logged above.
+            verdict = self.stop.check(out["loss"], out["grad_norm"])
             if verdict.diverged:
-                self._diverged(it, out, verdict)
+                self._diverged(it, out["loss"], out["grad_norm"], verdict)
             if verdict.exit_reason:
                 stopped = verdict.exit_reason
                 break
