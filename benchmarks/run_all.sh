@@ -20,3 +20,5 @@ python benchmarks/plan_search.py --repeats 5
 python benchmarks/plan_accuracy.py
 python benchmarks/attention_backends.py --presets small smollm-135m --out $R/attention_backends_cpu.json
 OMP_NUM_THREADS=1 python benchmarks/cpu_vs_hf.py --out $R/cpu_vs_hf.json
+python benchmarks/init_cost.py --preset smollm-1.7b --out $R/init_cost.json
+python benchmarks/ckpt_reliability.py --preset smollm-135m --rounds 3 --out $R/ckpt_reliability.json
