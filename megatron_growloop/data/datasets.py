@@ -54,6 +54,7 @@ def parse_blend(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[floa
             )
     return prefixes, weights
 
+
 def build_gpt_datasets(
     blend: Tuple[List[str], Optional[List[float]]],
     tokenizer,
@@ -98,6 +99,7 @@ def build_gpt_datasets(
     return [None if ds is None else CheckedDataset(ds, vocab, f"{split_name} split of {names}")
             for ds, split_name in zip(built, SPLIT_NAMES)]
 
+
 @dataclass
 class GlobalBatch:
     """How one global batch splits into micro-batches over data-parallel ranks (which samples a rank reads)."""
@@ -118,6 +120,7 @@ class GlobalBatch:
         start = consumed_samples + micro_step * self.micro_batch_size * self.data_parallel_size
         start += self.data_parallel_rank * self.micro_batch_size
         return range(start, start + self.micro_batch_size)
+
 
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
     keys = ("tokens", "labels", "loss_mask", "position_ids")
