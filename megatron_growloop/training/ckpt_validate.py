@@ -11,8 +11,8 @@ Two levels of checking:
   records, and -- when the checkpoint has a manifest (``checksums.json``, written at save) --
   every file has exactly the recorded size.  This catches truncated and deleted shards.
 * **checksums** (when the manifest has them; ``--no-verify-ckpt-checksums`` skips them in
-  ``pretrain``): CRC-32 of every shard file, computed at save by the rank that wrote it and
-  verified at load with the files divided among the ranks.  This catches bytes overwritten
+  ``pretrain``): CRC-32 of every shard file, computed at save and verified at load with the
+  files divided among the ranks.  This catches bytes overwritten
   inside a shard (same size), which otherwise load silently and train on garbage.
 
 A damaged checkpoint is reported with the newest intact iteration of the same save directory
