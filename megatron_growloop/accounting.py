@@ -3,7 +3,11 @@
 * *unique parameters* -- what the model stores (tied loop layers counted once);
 * *inference FLOPs per token* -- a forward pass at the model's effective depth;
 * *training FLOPs* -- 3x the forward work per trained token (forward + backward),
-  summed over the run, following the depth the model had at each step (growth).
+  summed over the run, following the depth the model had at each step (growth, a k
+  drawn per step).  With truncated backprop through a loop (``--loop-backprop-depth``)
+  only the applications that back-propagate a gradient count their backward (2x): the
+  no-grad applications count 1x, and the zero-gradient backward through the prelude
+  (``looping/truncation.py``) is not counted, like recomputation.
 
 Conventions (PaLM App. B; Megatron-Core ``num_floating_point_operations`` before
 its causal halving): a matmul of ``m x k`` by ``k x n`` is ``2mkn`` FLOPs; every
@@ -80,12 +84,17 @@ class ArchShape:
         """Inference FLOPs per token of a model applying ``depth`` layers."""
         return depth * self.layer_forward_flops_per_token(seq_len) + self.head_forward_flops_per_token()
 
-    def training_flops_per_token(self, depth: int, seq_len: int) -> int:
-        return 3 * self.forward_flops_per_token(depth, seq_len)
+    def training_flops_per_token(self, depth: int, seq_len: int, backward_depth: Optional[int] = None) -> int:
+        """Forward over ``depth`` applications plus backward (2x forward) over the
+        ``backward_depth`` that back-propagate a gradient (default: all) and the head."""
+        backward = depth if backward_depth is None else backward_depth
+        return self.forward_flops_per_token(depth, seq_len) + 2 * self.forward_flops_per_token(backward, seq_len)
 
 
-def summary(config, vocab_size: int, tied: bool, seq_len: int, effective_depth: Optional[int] = None) -> dict:
-    """The numbers logs and checkpoint metadata report for a model."""
+def summary(config, vocab_size: int, tied: bool, seq_len: int, effective_depth: Optional[int] = None,
+            backward_depth: Optional[int] = None) -> dict:
+    """The numbers logs and checkpoint metadata report for a model (``backward_depth``: the
+    applications that back-propagate, with truncated backprop through a loop)."""
     shape = ArchShape.from_config(config, vocab_size, tied)
     if effective_depth is None:  # a looped config knows its effective depth (applications)
         effective_depth = getattr(config, "effective_depth", None)
@@ -95,7 +104,7 @@ def summary(config, vocab_size: int, tied: bool, seq_len: int, effective_depth: 
         "effective_depth": int(depth),
         "unique_parameters": int(shape.unique_params(config.num_layers)),
         "inference_flops_per_token": int(shape.forward_flops_per_token(depth, seq_len)),
-        "training_flops_per_token": int(shape.training_flops_per_token(depth, seq_len)),
+        "training_flops_per_token": int(shape.training_flops_per_token(depth, seq_len, backward_depth)),
     }
 
 

@@ -1,4 +1,5 @@
-"""``python -m megatron_growloop.convert {hf-to-mcore,mcore-to-hf,reshard,verify}`` (also ``tools/convert_checkpoint.py``)."""
+"""``python -m megatron_growloop.convert {hf-to-mcore,mcore-to-hf,reshard,verify,grown-to-looped}``
+(also ``tools/convert_checkpoint.py``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import torch.distributed as dist
 from ..errors import ArgumentParser, UsageError, cli_errors
 from ..training.initialize import init_distributed, teardown
 from .exporter import mcore_to_hf
+from .grown_to_looped import format_report as format_tie_report
+from .grown_to_looped import grown_to_looped
 from .importer import hf_to_mcore
 from .reshard import reshard
 from .verify import dump, format_report, verify
@@ -84,6 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--new-tokens", type=int, default=32)
     v.add_argument("--tolerance", type=float, default=1e-4, help="max relative logit error")
     v.add_argument("--json", default=None, help="write the report here")
+
+    g = sub.add_parser("grown-to-looped",
+                       help="tie the copies a depth-grown checkpoint made of one block into a looped checkpoint")
+    g.add_argument("--load", required=True, help="grown checkpoint (its growloop.json records the layer lineage)")
+    g.add_argument("--block", required=True, metavar="S:E",
+                   help="layers S..E-1: consecutive copies of one block (see python -m megatron_growloop.growth.lineage)")
+    g.add_argument("--tie", choices=["mean", "first", "source"], default="mean",
+                   help="the recurrent block's weights: the mean of the copies, the first copy, or the copy closest "
+                        "to the source (oldest lineage)")
+    g.add_argument("--repeats", type=_positive, default=None, help="k of the loop (default: the number of copies)")
+    g.add_argument("--out", required=True, help="new checkpoint (save) directory")
+    g.add_argument("--probe-length", type=_positive, default=64,
+                   help="tokens per sequence of the logit comparison with the grown model")
+    g.add_argument("--json", default=None, help="write the report here")
     return p
 
 
@@ -118,6 +135,12 @@ def _main(argv: Optional[List[str]] = None) -> int:
 
             if dist.get_rank() == 0:
                 print(f"checkpoint: {path}", flush=True)
+            return 0
+        if args.command == "grown-to-looped":
+            report = grown_to_looped(args.load, args.out, args.block, args.tie, args.repeats, args.probe_length)
+            print(format_tie_report(report), flush=True)
+            print(f"checkpoint: {report['checkpoint']}", flush=True)
+            dump(report, args.json)
             return 0
         if args.command == "verify":
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from megatron.core.transformer.transformer_block import TransformerBlock
 
 from ..errors import UsageError
+from . import truncation
 from .spec import stage_local_schedule
 
 
@@ -118,6 +120,8 @@ class LoopedTransformerBlock(TransformerBlock):
         self._view: Optional[List[_Application]] = None
         self._application_hooks: Dict[int, ApplicationHook] = {}
         self._next_hook = 0
+        self._no_grad_local: Optional[Tuple[int, int]] = None  # truncated backprop (see truncation.py)
+        self._active_parts: Optional[truncation.Parts] = None
 
     def register_application_hook(self, hook: ApplicationHook) -> _HookHandle:
         """Call ``hook(ApplicationCall)`` after every layer application (analysis tools).
@@ -131,8 +135,12 @@ class LoopedTransformerBlock(TransformerBlock):
         return _HookHandle(self._application_hooks, key)
 
     # ------------------------------------------------------------------ schedule
-    def set_global_schedule(self, schedule: Sequence[int], stage_first_layer: Optional[int] = None):
-        """Install the model-wide schedule; this stage runs its contiguous part of it."""
+    def set_global_schedule(self, schedule: Sequence[int], stage_first_layer: Optional[int] = None,
+                            no_grad_positions: Optional[Tuple[int, int]] = None):
+        """Install the model-wide schedule; this stage runs its contiguous part of it.
+
+        ``no_grad_positions``: effective-depth positions ``[start, end)`` that run without
+        autograd while gradients are enabled (truncated backprop, :mod:`.truncation`)."""
         first = self._layer_offset if stage_first_layer is None else stage_first_layer
         local = stage_local_schedule(schedule, first, self._unique_layers_per_rank)
         positions = [p for p, idx in enumerate(schedule) if first <= idx < first + self._unique_layers_per_rank]
@@ -144,6 +152,11 @@ class LoopedTransformerBlock(TransformerBlock):
         self.local_schedule = local
         self._identity = local == list(range(self._unique_layers_per_rank))
         self._view = None
+        self._no_grad_local = None
+        if no_grad_positions is not None:
+            lo = max(no_grad_positions[0] - self._slot_offset, 0)
+            hi = min(no_grad_positions[1] - self._slot_offset, len(local))
+            self._no_grad_local = (lo, hi) if lo < hi else None
 
     @property
     def num_applications(self) -> int:
@@ -176,18 +189,10 @@ class LoopedTransformerBlock(TransformerBlock):
         """megatron-core's uniform full recomputation walks chunks of ``recompute_num_layers``
         applications and would index past the last one if the chunk size does not divide them."""
         cfg = self.config
-        n = len(self.local_schedule)
-        if (
-            cfg.recompute_granularity == "full"
-            and cfg.recompute_method == "uniform"
-            and cfg.recompute_num_layers
-            and n % cfg.recompute_num_layers
-        ):
-            raise UsageError(
-                f"--recompute-num-layers {cfg.recompute_num_layers} must divide the {n} layer "
-                "applications of this pipeline stage with --recompute-method uniform "
-                "(or use --recompute-method block)"
-            )
+        if cfg.recompute_granularity == "full" and cfg.recompute_method == "uniform" and cfg.recompute_num_layers:
+            parts = self._active_parts
+            segments = [len(parts[0]), len(parts[2])] if parts else [len(self.local_schedule)]
+            truncation.check_uniform_chunks(segments, cfg.recompute_num_layers)
 
     @contextmanager
     def _scheduled_view(self):
@@ -201,6 +206,9 @@ class LoopedTransformerBlock(TransformerBlock):
             yield
             return
         apps = self._applications()
+        if self._no_grad_local is not None and torch.is_grad_enabled():
+            self._active_parts = truncation.split(apps, *self._no_grad_local)
+            apps = [*self._active_parts[0], self._active_parts[1], *self._active_parts[2]]
         self.__dict__["layers"] = apps
         self.num_layers_per_pipeline_rank = len(apps)
         self._view_depth += 1
@@ -208,11 +216,20 @@ class LoopedTransformerBlock(TransformerBlock):
             yield
         finally:
             self._view_depth -= 1
+            self._active_parts = None
             del self.__dict__["layers"]
             self.num_layers_per_pipeline_rank = self._unique_layers_per_rank
 
+    def _checkpointed_forward(self, hidden_states, **kwargs):
+        """Full recomputation: with truncated backprop, megatron-core's own method runs on the
+        applications before and after the no-grad span (:func:`truncation.checkpointed_forward`)."""
+        if self._active_parts is not None:
+            return truncation.checkpointed_forward(
+                TransformerBlock._checkpointed_forward, self, self._active_parts, hidden_states, kwargs)
+        return super()._checkpointed_forward(hidden_states=hidden_states, **kwargs)
+
     def forward(self, *args, **kwargs):
-        if self.training and self.config.recompute_granularity == "full":
-            self._check_recompute()
         with self._scheduled_view():
+            if self.training and self.config.recompute_granularity == "full":
+                self._check_recompute()
             return super().forward(*args, **kwargs)

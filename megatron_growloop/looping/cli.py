@@ -1,7 +1,9 @@
 """Loop-related command-line flags shared by pretraining, evaluation and generation.
 
 Training (``megatron_growloop.pretrain``): ``--loop``, ``--retrofit-loop``,
-``--loop-repeats``, ``--loop-repeats-schedule`` (:func:`add_loop_args`,
+``--loop-repeats``, ``--loop-repeats-schedule``, randomized recurrence
+(``--loop-repeats-dist``, ``--loop-backprop-depth`` and their curricula, see
+:mod:`.recurrence`) and ``--eval-loop-repeats`` (:func:`add_loop_args`,
 :func:`validate_loop_args`).  Inference tools (generation, evaluation, analysis):
 ``--loop-repeats`` and ``--repeat-block`` (:func:`add_inference_loop_args`,
 :func:`validate_inference_loop_args`).
@@ -17,6 +19,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..errors import UsageError
+from .recurrence import DISTRIBUTIONS, WARMUP_STYLES, parse_repeats_list, settings_from_flags
 from .spec import LoopSpec, RepeatBlock, parse_repeats_schedule
 
 
@@ -33,6 +36,30 @@ def add_loop_args(parser) -> None:
     g.add_argument("--loop-repeats-schedule", default=None, metavar="ITER:K[,ITER:K]",
                    help="change k during training: after ITER completed iterations train with k=K "
                         "(e.g. 1000:2,2000:4); gradient synchronisation is re-learned at each change")
+    g.add_argument("--loop-repeats-dist", choices=list(DISTRIBUTIONS), default=None,
+                   help="randomized recurrence (Huginn): draw k for every step from this distribution, "
+                        "seeded by (--seed, iteration): the same on every rank and after a resume")
+    g.add_argument("--loop-repeats-mean", type=int, default=None,
+                   help="mean k of --loop-repeats-dist (the k validation and the checkpoint use); "
+                        "fixed: default the loop's k")
+    g.add_argument("--loop-repeats-max", type=int, default=None,
+                   help="largest k drawn (default: uniform 2*mean-1, poisson-lognormal 4*mean)")
+    g.add_argument("--loop-backprop-depth", type=int, default=None, metavar="N",
+                   help="back-propagate through only the last N applications of the recurrent block; "
+                        "the earlier ones run without autograd (default: all)")
+    g.add_argument("--loop-repeats-mean-warmup-iters", type=int, default=0,
+                   help="curriculum (retrofitting-recurrence): raise the mean k from "
+                        "--loop-repeats-mean-start to --loop-repeats-mean over this many iterations")
+    g.add_argument("--loop-repeats-mean-start", type=int, default=1)
+    g.add_argument("--loop-backprop-depth-warmup-iters", type=int, default=0,
+                   help="curriculum: raise the backprop depth from --loop-backprop-depth-start to "
+                        "--loop-backprop-depth over this many iterations")
+    g.add_argument("--loop-backprop-depth-start", type=int, default=1)
+    g.add_argument("--loop-curriculum-style", choices=list(WARMUP_STYLES), default="linear",
+                   help="shape of both warm-ups (HF warmup_stable_decay: linear or 1-sqrt)")
+    g.add_argument("--eval-loop-repeats", default=None, metavar="K[,K...]",
+                   help="at every --eval-interval also report the validation loss at each of these k "
+                        "(same batches), e.g. 1,2,4,8")
 
 
 def add_inference_loop_args(parser) -> None:
@@ -117,11 +144,17 @@ def validate_loop_args(args, arch: Optional[dict] = None, explicit_num_layers: b
     args.loop_repeats_curriculum = (
         parse_repeats_schedule(args.loop_repeats_schedule) if args.loop_repeats_schedule else []
     )
+    ckpt_loop = (arch or {}).get("loop")
+    if args.loop_repeats_dist and args.loop_repeats_mean is not None and args.loop and ckpt_loop:
+        # k of a randomized run is its mean, not --loop's: relaunching with the same flags resumes
+        if LoopSpec.parse(args.loop).with_repeats(1) == LoopSpec.parse(ckpt_loop).with_repeats(1):
+            args.loop = str(LoopSpec.parse(ckpt_loop))
     resolved = resolve_loop(args, arch)
     if args.loop_repeats_schedule and not resolved:
         raise UsageError("--loop-repeats-schedule needs a looped model (--loop, --retrofit-loop or a looped --load)")
     args.loop = resolved
     looped = bool(resolved)
+    _validate_recurrence_args(args)
     if looped and args.fp8_format and args.fp8_recipe == "delayed":
         raise UsageError(
             "looped blocks cannot use --fp8-recipe delayed: Transformer Engine does not support one "
@@ -133,3 +166,42 @@ def validate_loop_args(args, arch: Optional[dict] = None, explicit_num_layers: b
             "CUDA graphs capture one call per layer and cannot replay a looped block: use "
             "--cuda-graph-impl none with --loop/--retrofit-loop/looped checkpoints"
         )
+
+
+def _validate_recurrence_args(args) -> None:
+    """Randomized recurrence and ``--eval-loop-repeats`` against the resolved ``args.loop``;
+    sets ``args.loop_recurrence`` (None without those flags) and ``args.eval_loop_repeats``
+    (a tuple), and puts ``args.loop`` at the nominal k (the mean)."""
+    given = (args.loop_repeats_dist or args.loop_backprop_depth is not None or args.loop_repeats_mean is not None
+             or args.loop_repeats_max is not None)
+    if given and not args.loop:
+        raise UsageError("--loop-repeats-dist/--loop-backprop-depth need a looped model "
+                         "(--loop, --retrofit-loop or a looped --load)")
+    if args.loop_repeats_dist and args.loop_repeats_schedule:
+        raise UsageError("use either --loop-repeats-schedule (k per phase) or --loop-repeats-dist (k per step), "
+                         "not both; the mean k has its own curriculum (--loop-repeats-mean-warmup-iters)")
+    loop = LoopSpec.parse(args.loop) if args.loop else None
+    args.loop_recurrence = settings_from_flags(
+        args.loop_repeats_dist, args.loop_repeats_mean, args.loop_repeats_max, args.loop_backprop_depth,
+        loop.repeats if loop else 1, args.seed,
+        mean_start=args.loop_repeats_mean_start, mean_warmup_iters=args.loop_repeats_mean_warmup_iters,
+        backprop_depth_start=args.loop_backprop_depth_start,
+        backprop_depth_warmup_iters=args.loop_backprop_depth_warmup_iters,
+        warmup_style=args.loop_curriculum_style,
+    )
+    rec = args.loop_recurrence
+    if rec is not None and rec.dist is not None:
+        args.loop = str(loop.with_repeats(rec.nominal_repeats))
+    if (rec is not None and getattr(args, "recompute_granularity", None) == "full"
+            and getattr(args, "recompute_method", None) == "uniform" and (args.recompute_num_layers or 1) > 1):
+        raise UsageError(
+            f"--recompute-num-layers {args.recompute_num_layers} with --recompute-method uniform must divide the "
+            "layer applications of every step, which vary with randomized or truncated recurrence: use "
+            "--recompute-num-layers 1 or --recompute-method block"
+        )
+    if args.eval_loop_repeats is not None and not isinstance(args.eval_loop_repeats, tuple):
+        args.eval_loop_repeats = parse_repeats_list(args.eval_loop_repeats)
+        if not args.loop:
+            raise UsageError("--eval-loop-repeats needs a looped model (--loop, --retrofit-loop or a looped --load)")
+        if not getattr(args, "eval_interval", None):
+            raise UsageError("--eval-loop-repeats needs --eval-interval N (validation runs every N iterations)")

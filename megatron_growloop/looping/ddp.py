@@ -49,3 +49,60 @@ def reset_grad_ready_counts(ddp_modules: Iterable) -> int:
         g.golden_per_param_grad_ready_counts = {}
         g.per_param_grad_ready_counts = {}
     return len(groups)
+
+
+class GradReadyCounts:
+    """The grad-ready counts of every schedule a run trains with, learned once each.
+
+    With a k drawn afresh every step (randomized recurrence) a reset per change would make
+    every such step learn its counts again -- and a learning step cannot overlap the
+    collectives with the backward pass (megatron-core issues them in ``finish_grad_sync``).
+    The counts are a deterministic function of what the step runs (schedule, backprop depth,
+    recomputation), so :meth:`select` keeps the counts each *key* was seen with and
+    re-installs them when the key comes back: one learning step per distinct key, afterwards
+    the same overlapped synchronisation as with a fixed k.  Bucket groups learn in their
+    first batch (``is_first_batch``) and record ``golden_per_param_grad_ready_counts`` in
+    ``reset()`` at the next ``zero_grad_buffer()``; :meth:`select` runs between steps, before
+    that call, and takes the counts of a just-finished learning step itself.
+
+    Keys are compared with ``==``; an instance belongs to one DDP (build a new one when the
+    model is rebuilt: the counts are keyed by parameter objects).
+    """
+
+    def __init__(self):
+        self._learned: dict = {}
+        self._key = None
+        self._started = False
+
+    def select(self, ddp_modules: Iterable, key) -> bool:
+        """Make the bucket groups use the counts of ``key``; returns True when they will
+        learn them in the coming step."""
+        groups = bucket_groups(ddp_modules)
+        if self._started and key == self._key:
+            return any(g.is_first_batch for g in groups)
+        if self._started and self._key not in self._learned:
+            learned = [_finished_counts(g) for g in groups]
+            if groups and all(c is not None for c in learned):
+                self._learned[self._key] = learned
+        self._key, self._started = key, True
+        counts = self._learned.get(key)
+        if counts is None:
+            reset_grad_ready_counts(ddp_modules)
+            return True
+        for g, golden in zip(groups, counts):
+            if getattr(g, "grad_reduce_handle", None) is not None:
+                raise RuntimeError("GradReadyCounts.select called while a gradient reduction is in flight")
+            g.golden_per_param_grad_ready_counts = golden
+            g.per_param_grad_ready_counts = {}
+            g.is_first_batch = False
+        return False
+
+
+def _finished_counts(group):
+    """The golden counts ``group`` uses or has just learned (None when it has none)."""
+    if not group.is_first_batch:
+        return group.golden_per_param_grad_ready_counts
+    counts = group.per_param_grad_ready_counts
+    if counts and len(counts) == len(group.params):
+        return dict(counts)
+    return None

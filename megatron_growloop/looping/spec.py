@@ -98,6 +98,24 @@ class LoopSpec:
     def is_trivial(self) -> bool:
         return self.repeats == 1
 
+    def no_grad_positions(self, backprop_depth: Optional[int]) -> Optional[Tuple[int, int]]:
+        """Effective-depth positions ``[start, end)`` that run without autograd when gradients
+        flow through only the last ``backprop_depth`` applications of the recurrent block
+        (truncated backprop through the recurrence, Huginn-style); None when every
+        application runs with autograd (no truncation, or ``repeats <= backprop_depth``)."""
+        if backprop_depth is None or self.repeats <= backprop_depth:
+            return None
+        return self.prelude, self.prelude + (self.repeats - backprop_depth) * self.block
+
+    def backward_depth(self, backprop_depth: Optional[int]) -> int:
+        """Layer applications whose backward pass computes a (nonzero) gradient.
+
+        With truncation the prelude lies before the cut: its gradient is zero (see
+        :mod:`megatron_growloop.looping.truncation`), so it is not counted."""
+        if self.no_grad_positions(backprop_depth) is None:
+            return self.effective_depth
+        return backprop_depth * self.block + self.coda
+
     def __str__(self) -> str:
         if self.prelude == 0 and self.coda == 0:
             return f"{self.block}x{self.repeats}"

@@ -33,8 +33,25 @@ class GrowLoopConfig(TransformerConfig):
     repeat_blocks: Tuple[RepeatBlock, ...] = field(default_factory=tuple)
     """Inference-time repetitions applied on top of the loop (effective-depth positions)."""
 
+    loop_backprop_depth: Optional[int] = None
+    """Training: gradients flow through only the last n applications of the recurrent block
+    (``--loop-backprop-depth``); None: through all of them."""
+
     def schedule(self) -> List[int]:
         return build_schedule(self.num_layers, self.loop, self.repeat_blocks)
+
+    def no_grad_positions(self) -> Optional[Tuple[int, int]]:
+        """Effective-depth positions that run without autograd (truncated backprop), or None."""
+        if self.loop is None or self.repeat_blocks:
+            return None
+        return self.loop.no_grad_positions(self.loop_backprop_depth)
+
+    @property
+    def backward_depth(self) -> int:
+        """Layer applications whose backward pass computes a gradient (model FLOPs)."""
+        if self.no_grad_positions() is None:
+            return self.effective_depth
+        return self.loop.backward_depth(self.loop_backprop_depth)
 
     @property
     def effective_depth(self) -> int:

@@ -101,9 +101,14 @@ class GrowLoopGPTModel(GPTModel):
     def effective_depth(self) -> int:
         return len(self.schedule)
 
+    @property
+    def backward_depth(self) -> int:
+        """Layer applications that back-propagate a gradient (< effective depth with truncation)."""
+        return self.config.backward_depth
+
     def apply_schedule(self) -> None:
         """(Re)install the schedule derived from ``config.loop``/``config.repeat_blocks``."""
-        self.decoder.set_global_schedule(self.schedule)
+        self.decoder.set_global_schedule(self.schedule, no_grad_positions=self.config.no_grad_positions())
 
     def set_loop_repeats(self, repeats: int) -> None:
         """Change k of the loop without rebuilding (inference, or between training phases)."""
@@ -115,6 +120,14 @@ class GrowLoopGPTModel(GPTModel):
         if int(repeats) < 1:
             raise UsageError(f"loop repeats must be >= 1, got {repeats}")
         self.config.loop = self.config.loop.with_repeats(int(repeats))
+        self.apply_schedule()
+
+    def set_loop_backprop_depth(self, depth: Optional[int]) -> None:
+        """Training: back-propagate through only the last ``depth`` applications of the
+        recurrent block (None: all); the earlier ones run without autograd."""
+        if depth is not None and (self.config.loop is None or int(depth) < 1):
+            raise UsageError(f"loop backprop depth {depth}: needs a looped model and a depth >= 1")
+        self.config.loop_backprop_depth = None if depth is None else int(depth)
         self.apply_schedule()
 
     def set_repeat_blocks(self, blocks: Sequence) -> None:

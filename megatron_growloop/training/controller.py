@@ -4,9 +4,9 @@ Depth growth, a curriculum on the number of loop repeats, and similar policies a
 on the model between training steps.  They do so as *controllers*: objects the
 trainer calls at fixed points, which see the trainer only through its public
 interface (``arch``, ``layout``, ``state``, ``model_space_state()``, ``rebuild()``,
-``set_loop_repeats()``, ``log_text()``/``log_scalars()``).  The trainer never imports
-them -- ``pretrain.py`` composes them, as Megatron-LM's ``pretrain_gpt.py`` passes
-providers into ``pretrain(...)``.
+``set_loop_repeats()``, ``set_loop_backprop_depth()``, ``log_text()``/``log_scalars()``).
+The trainer never imports them -- ``pretrain.py`` composes them, as Megatron-LM's
+``pretrain_gpt.py`` passes providers into ``pretrain(...)``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ class Controller:
 
     def before_step(self, trainer) -> None:
         """Before every training step (may rebuild the model or change k)."""
+
+    def after_step(self, trainer) -> None:
+        """After every training step, before logging, validation and saving."""
 
     def checkpoint_metadata(self, trainer) -> Dict[str, Any]:
         """Entries this controller adds to ``growloop.json``."""

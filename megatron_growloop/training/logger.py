@@ -32,6 +32,7 @@ class MetricsLogger:
         ("tflops-per-device", "TFLOP/s/device"),
         ("mfu", "MFU"),
         ("effective-depth", "depth"),
+        ("loop-repeats", "k"),
         ("step-time-ms", "step ms"),
     )
 

@@ -9,7 +9,7 @@ curriculum on k) change the model between steps through a narrow public interfac
 * :meth:`model_space_state` -- model and optimizer state in model space;
 * :meth:`rebuild` -- a new model stack for another architecture, filled by the caller,
   keeping the scheduler, the counters, the data position and the RNG;
-* :meth:`set_loop_repeats`, :meth:`log_text`, :meth:`log_scalars`.
+* :meth:`set_loop_repeats`, :meth:`set_loop_backprop_depth`, :meth:`log_text`, :meth:`log_scalars`.
 
 The trainer never imports a controller; ``megatron_growloop.pretrain`` composes them.
 """
@@ -37,7 +37,7 @@ from ..data.default_corpus import default_data_prefix
 from ..data.mock import MockDataset
 from ..data.tokenizer import build_tokenizer
 from ..errors import UsageError
-from ..looping.ddp import reset_grad_ready_counts
+from ..looping.ddp import GradReadyCounts
 from ..model.arch import Arch, pad_vocab_size
 from ..model.config import looped
 from ..model.gpt import GrowLoopGPTModel
@@ -53,6 +53,7 @@ from .initialize import init_distributed, rng_options
 from .logger import MetricsLogger
 from .optimizer_state import local_optimizer_state
 from .loop_curriculum import LoopRepeatsCurriculum
+from .random_recurrence import RandomRecurrence
 from .resume import resolve_arch
 from .stop_conditions import StepVerdict, StopConditions, TrainingDiverged, divergence_message
 
@@ -143,9 +144,11 @@ class Trainer:
         self.controllers: List[Controller] = list(controllers)
         if args.loop_repeats_curriculum:
             self.controllers.append(LoopRepeatsCurriculum(args.loop_repeats_curriculum))
+        if getattr(args, "loop_recurrence", None) is not None:
+            self.controllers.append(RandomRecurrence(args.loop_recurrence))
         if self.impl.cuda_graph_impl == "transformer_engine":
             self.controllers.append(TECudaGraphs(args.cuda_graph_warmup_steps))
-        self._grad_sync_layers = None
+        self._grad_ready = GradReadyCounts()
 
     # ------------------------------------------------------------------ the model stack
     @property
@@ -169,7 +172,7 @@ class Trainer:
         self.stack = build_stack(self.arch, self.layout, self.impl, self.optim, init_seed=init_seed)
         if self.scheduler is None:
             self.scheduler = build_scheduler(self.optimizer, self.args)
-        self._grad_sync_layers = None
+        self._grad_ready = GradReadyCounts()  # the counts belong to one DDP
 
     @contextmanager
     def _params_synced(self):
@@ -215,16 +218,31 @@ class Trainer:
         checkpointing.set_rng_state(rng)
 
     def set_loop_repeats(self, repeats: int) -> None:
-        """Change k of the looped model between training steps (a new training phase).
+        """Change k of the looped model between training steps (a new phase, or every step).
 
-        Unique parameters, optimizer state and the pipeline layout stay; the DDP bucket
-        groups re-learn how often each parameter's gradient hook fires per step (it
-        depends on k with activation recomputation), see :mod:`megatron_growloop.looping.ddp`.
+        Unique parameters, optimizer state and the pipeline layout stay.  How often each
+        parameter's gradient hook fires per step depends on k with activation recomputation;
+        :meth:`train_step` gives the DDP bucket groups the counts of the schedule it runs
+        (learned in the first step with that schedule, see :mod:`megatron_growloop.looping.ddp`).
         """
+        if self.arch.loop is not None and self.arch.loop.repeats == int(repeats):
+            return
         self.arch = self.arch.with_repeats(repeats)
         self.unwrapped.set_loop_repeats(repeats)
-        reset_grad_ready_counts(self.model)
-        self._grad_sync_layers = tuple(self.unwrapped.schedule)
+
+    def set_loop_backprop_depth(self, depth: Optional[int]) -> None:
+        """Back-propagate through only the last ``depth`` applications of the recurrent block
+        (None: all of them), between training steps."""
+        if self.unwrapped.config.loop_backprop_depth != depth:
+            self.unwrapped.set_loop_backprop_depth(depth)
+
+    def _grad_sync_key(self):
+        """What the DDP grad-ready counts depend on: nothing without recomputation (autograd
+        sums a tied parameter's contributions before its hook fires once), else the schedule
+        and the backprop depth (one firing per recomputed segment holding the parameter)."""
+        if self.config.recompute_granularity is None:
+            return None
+        return tuple(self.unwrapped.schedule), self.unwrapped.config.loop_backprop_depth
 
     # ------------------------------------------------------------------ logging
     def log_text(self, text: str) -> None:
@@ -240,7 +258,8 @@ class Trainer:
     # ------------------------------------------------------------------ metadata
     def accounting(self) -> Dict[str, int]:
         a = self.arch
-        return accounting.summary(a, a.padded_vocab_size, a.tied, self.args.seq_length, self.unwrapped.effective_depth)
+        return accounting.summary(a, a.padded_vocab_size, a.tied, self.args.seq_length, self.unwrapped.effective_depth,
+                                  self.unwrapped.backward_depth)
 
     def checkpoint_metadata(self) -> Dict[str, Any]:
         a = self.args
@@ -388,10 +407,7 @@ class Trainer:
         return float(total[0] / total[1].clamp(min=1))
 
     def train_step(self) -> Dict[str, Any]:
-        layers = tuple(self.unwrapped.schedule)
-        if self._grad_sync_layers is not None and layers != self._grad_sync_layers:
-            reset_grad_ready_counts(self.model)  # the schedule changed behind set_loop_repeats' back
-        self._grad_sync_layers = layers
+        self._grad_ready.select(self.model, self._grad_sync_key())
         if self.cooldown_ds is not None and not self._in_cooldown and self.state.iteration >= self.args.cooldown_start_iter:
             self._make_iterators()
         for m in self.model:
@@ -430,6 +446,32 @@ class Trainer:
         self.stop.release()
         raise TrainingDiverged(divergence_message(it, values[0], values[1], verdict, last))
 
+    @torch.no_grad()
+    def evaluate_at_repeats(self, repeats: Sequence[int]) -> Dict[int, Optional[float]]:
+        """Validation loss of the looped model at each k in ``repeats`` (``--eval-loop-repeats``),
+        all on the same ``--eval-iters`` batches; the model's k is restored afterwards."""
+        if self.valid_iter is None:
+            return {}
+        batches = [next(self.valid_iter) for _ in range(self.args.eval_iters * self.batch.num_microbatches)]
+        self.state.consumed_valid_samples += self.args.eval_iters * self.args.global_batch_size
+        current = self.arch.loop.repeats
+        out: Dict[int, Optional[float]] = {}
+        for m in self.model:
+            m.eval()
+        try:
+            for k in repeats:
+                self.set_loop_repeats(k)
+                data = iter(batches)
+                losses = []
+                for _ in range(self.args.eval_iters):
+                    losses.extend(self._fwd_bwd(data, forward_only=True))
+                out[k] = self._reduce_losses(losses)
+        finally:
+            self.set_loop_repeats(current)
+            for m in self.model:
+                m.train()
+        return out
+
     # ------------------------------------------------------------------ main loop
     def setup(self) -> None:
         a = self.args
@@ -461,7 +503,7 @@ class Trainer:
             f"device {'cuda' if platform.has_cuda() else 'cpu'}"
         )
 
-    def _write_metrics(self, it: int, out: Dict[str, Any], depth: int, dt: float) -> None:
+    def _write_metrics(self, it: int, out: Dict[str, Any], depth: int, dt: float, extra: Dict[str, Any]) -> None:
         rec = {
             "iteration": it,
             "loss": out["loss"],
@@ -475,6 +517,7 @@ class Trainer:
             "data": "cooldown" if self._in_cooldown else "main",
             "tokens_per_iteration": self.args.global_batch_size * self.args.seq_length,
             "peak_memory_bytes": peak_memory_bytes(),
+            **extra,
         }
         with open(self.args.metrics_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
@@ -495,7 +538,7 @@ class Trainer:
         if platform.has_cuda():
             peak = accounting.device_peak_flops(torch.cuda.get_device_name(), fp8=bool(a.fp8_format))
         last = {"loss": None}
-        window_t, window_flops, window_tokens, window_n = 0.0, 0.0, 0, 0
+        window_t, window_flops, window_tokens, window_n, window_k = 0.0, 0.0, 0, 0, 0
         final_eval = None
         stopped = None
         while self.state.iteration < a.train_iters:
@@ -505,19 +548,25 @@ class Trainer:
             out = self.train_step()
             dt = time.perf_counter() - t0
             depth = self.unwrapped.effective_depth
-            flops = self.arch.shape.training_flops_per_token(depth, a.seq_length) * tokens_per_iter
+            backward = self.unwrapped.backward_depth  # < depth with truncated backprop
+            repeats = self.arch.loop.repeats if self.arch.loop is not None else None
+            flops = self.arch.shape.training_flops_per_token(depth, a.seq_length, backward) * tokens_per_iter
             self.state.iteration += 1
             self.state.consumed_train_samples += a.global_batch_size
             self.state.tokens += tokens_per_iter
             self.state.training_flops += flops
+            for c in self.controllers:
+                c.after_step(self)
             window_t += dt
             window_flops += flops
             window_tokens += tokens_per_iter
             window_n += 1
+            window_k += repeats or 0
             last = out
             it = self.state.iteration
             if a.metrics_file and self.is_logging_rank:
-                self._write_metrics(it, out, depth, dt)
+                loop = {} if repeats is None else {"loop_repeats": repeats, "backward_depth": backward}
+                self._write_metrics(it, out, depth, dt, loop)
             if it % a.log_interval == 0 or it == a.train_iters:
                 tflops = window_flops / window_t / self.world_size / 1e12
                 metrics = {
@@ -533,8 +582,10 @@ class Trainer:
                 }
                 if peak:
                     metrics["mfu"] = tflops * 1e12 / peak
+                if repeats is not None:
+                    metrics["loop-repeats"] = window_k / window_n  # mean k over the interval
                 logger.log(it, metrics)
-                window_t, window_flops, window_tokens, window_n = 0.0, 0.0, 0, 0
+                window_t, window_flops, window_tokens, window_n, window_k = 0.0, 0.0, 0, 0, 0
             # signals, time limit, NaN/Inf: one verdict for all ranks, before anything is saved.  Host
             # values only (stop_conditions.py): the grad norm every step (megatron-core's optimizer
             # returns a float), the loss where a host value exists -- _reduce_losses returns one
@@ -551,6 +602,12 @@ class Trainer:
                 if val is not None:
                     logger.log(it, {"validation loss": val, "validation ppl": math.exp(min(val, 50))}, console=False)
                     logger.text(f"validation at iteration {it} | loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}")
+                if a.eval_loop_repeats:
+                    per_k = self.evaluate_at_repeats(a.eval_loop_repeats)
+                    if per_k and None not in per_k.values():
+                        logger.log(it, {f"validation loss/k{k}": v for k, v in per_k.items()}, console=False)
+                        logger.text(f"validation at iteration {it} by loop repeats | "
+                                    + " | ".join(f"k={k} loss {v:.4f}" for k, v in per_k.items()))
             if a.save and a.save_interval and it % a.save_interval == 0 and it != a.train_iters:
                 self.save()
             if a.exit_interval and it % a.exit_interval == 0:
