@@ -168,3 +168,54 @@ def test_dot_product_attention_keeps_the_attributes_sdpa_reads(dist_1rank):
                  "hidden_size_per_partition"):
         assert hasattr(core, name), name
     assert hasattr(core.scale_mask_softmax, "scale") and hasattr(core.scale_mask_softmax, "window_size")
+
+
+# ---- issue 16: truncated backprop in the looped block, grad-ready counts per schedule
+
+def test_transformer_block_checkpointed_forward_and_get_layer():
+    """looping/block.py overrides ``TransformerBlock._get_layer`` (megatron-core's full recomputation
+    looks applications up through it, also in the backward pass) and ``_checkpointed_forward``;
+    looping/truncation.py calls the parent ``_checkpointed_forward`` with a stand-in ``self`` that
+    provides ``_get_layer``, ``num_layers_per_pipeline_rank``, ``config`` (and delegates the rest),
+    passing megatron-core's keyword arguments through."""
+    from megatron.core.transformer.transformer_block import TransformerBlock
+
+    assert hasattr(TransformerBlock, "_get_layer")
+    params = inspect.signature(TransformerBlock._checkpointed_forward).parameters
+    for name in ("hidden_states", "attention_mask", "context", "context_mask", "rotary_pos_emb", "attention_bias",
+                 "packed_seq_params", "use_inner_quantization_context", "padding_mask"):
+        assert name in params, name
+    src = inspect.getsource(TransformerBlock._checkpointed_forward)
+    for use in ("self._get_layer(", "self.num_layers_per_pipeline_rank", "self.config.recompute_num_layers",
+                "self.config.recompute_method"):
+        assert use in src, use
+    forward = inspect.getsource(TransformerBlock.forward)
+    assert "self._checkpointed_forward(" in forward and "hidden_states=hidden_states" in forward
+    assert "for l_no, layer in enumerate(self.layers)" in forward
+
+
+def test_ddp_bucket_group_grad_ready_counts():
+    """looping/ddp.py resets and re-installs the grad-ready counts of megatron-core's
+    ``_ParamAndGradBucketGroup`` (``DistributedDataParallel.bucket_groups``)."""
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup
+
+    init = inspect.getsource(_ParamAndGradBucketGroup.__init__)
+    for attr in ("self.golden_per_param_grad_ready_counts", "self.per_param_grad_ready_counts",
+                 "self.is_first_batch", "self.grad_reduce_handle", "self.params"):
+        assert attr in init, attr
+    reset = inspect.getsource(_ParamAndGradBucketGroup.reset)
+    assert "self.golden_per_param_grad_ready_counts = self.per_param_grad_ready_counts" in reset
+    ready = inspect.getsource(_ParamAndGradBucketGroup.register_grad_ready)
+    assert "self.per_param_grad_ready_counts == self.golden_per_param_grad_ready_counts" in ready
+    assert "self.bucket_groups" in inspect.getsource(DistributedDataParallel.__init__)
+
+
+def test_pipeline_backward_step_sends_the_input_tensor_grad():
+    """Why looping/truncation.py joins the no-grad state with a zero gradient instead of
+    detaching: megatron-core's ``backward_step`` returns ``x.grad`` of the stage input as the
+    gradient to send to the previous stage (None would send nothing)."""
+    from megatron.core.pipeline_parallel import schedules
+
+    src = inspect.getsource(schedules.backward_step)
+    assert "input_tensor_grad.append(x.grad)" in src

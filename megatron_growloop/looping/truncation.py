@@ -72,6 +72,8 @@ class NoGradSpan:
         return self.applications[0].layer_number
 
     def __getattr__(self, name):
+        if name == "applications":
+            raise AttributeError(name)
         return getattr(self.applications[0], name)
 
     def __call__(self, hidden_states, **kwargs):
@@ -106,6 +108,8 @@ class _Part:
         return self._apps[index]
 
     def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
         return getattr(self._block, name)
 
 
