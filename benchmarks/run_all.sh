@@ -22,3 +22,6 @@ python benchmarks/attention_backends.py --presets small smollm-135m --out $R/att
 OMP_NUM_THREADS=1 python benchmarks/cpu_vs_hf.py --out $R/cpu_vs_hf.json
 python benchmarks/init_cost.py --preset smollm-1.7b --out $R/init_cost.json
 python benchmarks/ckpt_reliability.py --preset smollm-135m --rounds 3 --out $R/ckpt_reliability.json
+OMP_NUM_THREADS=1 python benchmarks/recurrence.py
+OMP_NUM_THREADS=1 python benchmarks/recurrence.py --hidden 128 --backprop-depth 2 --memory-depths 1 \
+    --out $R/recurrence_truncated.json

@@ -144,3 +144,18 @@ def test_bad_settings_one_line(capsys, tmp_path, argv, match):
     assert len(errors) == 1 and errors[0].startswith("megatron_growloop.pretrain: error: "), err
     assert match in errors[0], errors[0]
     assert not save.exists()
+
+
+def test_retrofit_with_randomized_k_relaunches(tmp_path):
+    """A retrofit run with randomized k records the mean k (not R of --retrofit-loop); relaunching
+    it from its own checkpoint with the same --retrofit-loop resumes."""
+    pretrain(["--tokenizer-type", "ByteTokenizer", "--seq-length", "32", "--train-iters", "1",
+              "--save", tmp_path / "plain"])
+    flags = ["--tokenizer-type", "ByteTokenizer", "--seq-length", "32", "--micro-batch-size", "2", "--train-iters",
+             "3", "--retrofit-loop", "1:3:2", "--loop-repeats-dist", "uniform", "--loop-repeats-mean", "3",
+             "--save", tmp_path / "retro", "--metrics-file", tmp_path / "m.jsonl"]
+    pretrain(flags + ["--load", tmp_path / "plain", "--exit-interval", "2"])
+    meta = json.load(open(tmp_path / "retro" / "iter_0000002" / "growloop.json"))
+    assert meta["arch"]["loop"] == "1-2x3-1"
+    pretrain(flags + ["--load", tmp_path / "retro"])
+    assert [r["iteration"] for r in read_metrics(tmp_path / "m.jsonl")] == [2, 3]  # continues the plain run's count

@@ -144,11 +144,7 @@ def validate_loop_args(args, arch: Optional[dict] = None, explicit_num_layers: b
     args.loop_repeats_curriculum = (
         parse_repeats_schedule(args.loop_repeats_schedule) if args.loop_repeats_schedule else []
     )
-    ckpt_loop = (arch or {}).get("loop")
-    if args.loop_repeats_dist and args.loop_repeats_mean is not None and args.loop and ckpt_loop:
-        # k of a randomized run is its mean, not --loop's: relaunching with the same flags resumes
-        if LoopSpec.parse(args.loop).with_repeats(1) == LoopSpec.parse(ckpt_loop).with_repeats(1):
-            args.loop = str(LoopSpec.parse(ckpt_loop))
+    _match_checkpoint_k(args, arch)
     resolved = resolve_loop(args, arch)
     if args.loop_repeats_schedule and not resolved:
         raise UsageError("--loop-repeats-schedule needs a looped model (--loop, --retrofit-loop or a looped --load)")
@@ -166,6 +162,23 @@ def validate_loop_args(args, arch: Optional[dict] = None, explicit_num_layers: b
             "CUDA graphs capture one call per layer and cannot replay a looped block: use "
             "--cuda-graph-impl none with --loop/--retrofit-loop/looped checkpoints"
         )
+
+
+def _match_checkpoint_k(args, arch: Optional[dict]) -> None:
+    """A randomized run's checkpoint records the mean k, not the k of ``--loop`` or
+    ``--retrofit-loop``: take the checkpoint's k when the loops differ only in k, so that a
+    relaunch with the same flags resumes."""
+    ckpt_loop = (arch or {}).get("loop")
+    if not (args.loop_repeats_dist and args.loop_repeats_mean is not None and ckpt_loop):
+        return
+    saved = LoopSpec.parse(ckpt_loop)
+    if args.loop and LoopSpec.parse(args.loop).with_repeats(1) == saved.with_repeats(1):
+        args.loop = str(saved)
+    if args.retrofit_loop:
+        block = RepeatBlock.parse(args.retrofit_loop, what="--retrofit-loop")
+        num_layers = int(arch.get("num_layers", args.num_layers))
+        if block.end <= num_layers and LoopSpec.from_block(num_layers, block).with_repeats(1) == saved.with_repeats(1):
+            args.retrofit_loop = f"{block.start}:{block.end}:{saved.repeats}"
 
 
 def _validate_recurrence_args(args) -> None:
