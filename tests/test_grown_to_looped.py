@@ -102,8 +102,9 @@ def test_cli_report_and_accounting(dist_1rank, grown, tmp_path):
 
 
 def test_looped_checkpoint_is_an_ordinary_one(dist_1rank, grown, tmp_path):
-    """HF export unrolls it with the loop record and re-import restores the tied model; training
-    loads it (fresh optimizer) and runs with randomized k."""
+    """HF export unrolls it with the loop record and re-import restores the tied model; the
+    generation CLI runs it at another k; training loads it (fresh optimizer) and runs with
+    randomized k."""
     from megatron_growloop.convert import hf_to_mcore, mcore_to_hf
     from megatron_growloop.convert.grown_to_looped import grown_to_looped
 
@@ -116,6 +117,9 @@ def test_looped_checkpoint_is_an_ordinary_one(dist_1rank, grown, tmp_path):
     vocab = json.load(open(tmp_path / "looped" / "iter_0000000" / "growloop.json"))["tokenizer"]["vocab_size"]
     back, looped = _logits(tmp_path / "back", tokens), _logits(tmp_path / "looped", tokens)
     assert torch.allclose(back[..., :vocab], looped[..., :vocab], atol=1e-5)  # export drops the vocab padding
+    gen = run_module("megatron_growloop.generate", ["--load", tmp_path / "looped", "--loop-repeats", "3",
+                                                    "--prompt", "ab", "--max-new-tokens", "3"])
+    assert "trained as Loop(0-2x2-4)" in gen.stdout and "effective depth 10" in gen.stdout
     run = pretrain(["--tokenizer-type", "ByteTokenizer", "--seq-length", "32", "--micro-batch-size", "2",
                     "--train-iters", "2", "--log-interval", "1", "--load", tmp_path / "looped",
                     "--loop-repeats-dist", "uniform", "--loop-repeats-mean", "2", "--loop-backprop-depth", "1",
