@@ -127,6 +127,30 @@ def test_looped_checkpoint_is_an_ordinary_one(dist_1rank, grown, tmp_path):
     assert "effective depth 8 (Loop(0-2x2-4))" in run.stdout and "done: 2 iterations" in run.stdout
 
 
+def test_evaluation_and_analysis_load_the_looped_checkpoint(dist_1rank, grown, tmp_path):
+    """The evaluation CLI scores the tied model at another k (the same log-likelihoods as the
+    Python API), and the analysis CLI runs on it."""
+    from megatron_growloop.convert.grown_to_looped import grown_to_looped
+    from megatron_growloop.eval import scoring
+    from megatron_growloop.eval.engine import LogProbEngine
+    from megatron_growloop.training.inference import load_model
+
+    grown_to_looped(str(grown / "ck"), str(tmp_path / "looped"), "4:8", "mean")
+    task = ["--tasks", "copy_real", "--limit", "2", "--num-fewshot", "0", "--template", "continuation"]
+    run_module("megatron_growloop.eval", ["primitives", "--load", tmp_path / "looped", "--loop-repeats", "3", *task,
+                                          "--out", tmp_path / "eval.json"])
+    res = json.load(open(tmp_path / "eval.json"))
+    assert res["model"]["schedule"] == [0, 1, 2, 3, 4, 5, 4, 5, 4, 5]
+    model, _, tok = load_model(str(tmp_path / "looped"), loop_repeats=3)
+    ref = scoring.evaluate_primitives(LogProbEngine(model, tok), "copy_real", limit=2, num_fewshot=0,
+                                      template="continuation")
+    assert res["results"] == ref["results"]
+    run_module("megatron_growloop.analysis", ["norms", "--load", tmp_path / "looped", "--out", tmp_path / "an",
+                                              "--num-prompts", "2", "--seq-len", "16"])
+    norms = json.load(open(tmp_path / "an" / "norms.json"))
+    assert norms
+
+
 @pytest.mark.parametrize(
     "load,block,match",
     [

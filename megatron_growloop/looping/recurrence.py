@@ -24,6 +24,10 @@ Curricula (retrofitting-recurrence ``train.py``: ``mean_recurrence_schedule`` an
 shapes ``linear`` and ``1-sqrt``): :class:`Ramp` raises the mean k and the backprop depth from
 ``start`` to their final values over ``warmup_iters`` iterations (there: fractions of training).
 
+:func:`repeats_pmf` is the exact law of the draw (the planner's expected FLOPs and step time,
+``megatron_growloop.plan``): uniform and fixed in closed form, poisson-lognormal by
+Gauss-Hermite quadrature over the log-normal rate.
+
 Pure functions and frozen records; torch only for its seeded generator.
 """
 
@@ -31,8 +35,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..errors import UsageError
@@ -101,6 +106,36 @@ def sample_repeats(dist: str, mean: int, max_repeats: int, generator: torch.Gene
     raise UsageError(f"unknown --loop-repeats-dist {dist!r}; choose one of: {', '.join(DISTRIBUTIONS)}")
 
 
+QUADRATURE_NODES = 96
+
+
+def repeats_pmf(dist: str, mean: int, max_repeats: int) -> Dict[int, float]:
+    """``{k: P(k)}`` of :func:`sample_repeats` (probabilities sum to 1).
+
+    poisson-lognormal: ``P(k = j + 1) = E_r[Poisson(j; r)]`` for ``j + 1 < K`` and the rest of the
+    mass at the cap K, the expectation over ``r ~ LogNormal(mu, 1/2)`` by probabilists'
+    Gauss-Hermite quadrature in ``log r`` (smooth integrand: 96 nodes are exact to ~1e-12)."""
+    m, K = int(mean), int(max_repeats)
+    if dist == "fixed":
+        return {m: 1.0}
+    if dist == "uniform":
+        hi = min(K, 2 * m - 1)
+        lo = 2 * m - hi
+        return {k: 1.0 / (hi - lo + 1) for k in range(lo, hi + 1)}
+    if dist == "poisson-lognormal":
+        if m <= 1 or K <= 1:
+            return {1: 1.0}
+        z, w = np.polynomial.hermite_e.hermegauss(QUADRATURE_NODES)
+        w = w / math.sqrt(2 * math.pi)
+        log_r = math.log(m - 1) - LOGNORMAL_SIGMA ** 2 / 2 + LOGNORMAL_SIGMA * z
+        pmf: Dict[int, float] = {}
+        for j in range(K - 1):  # k = j + 1 < K
+            pmf[j + 1] = float(np.sum(w * np.exp(j * log_r - np.exp(log_r) - math.lgamma(j + 1))))
+        pmf[K] = max(0.0, 1.0 - sum(pmf.values()))
+        return pmf
+    raise UsageError(f"unknown --loop-repeats-dist {dist!r}; choose one of: {', '.join(DISTRIBUTIONS)}")
+
+
 @dataclass(frozen=True)
 class RecurrenceSettings:
     """What a training step runs: k from ``dist`` (None: k is not sampled) and the backprop
@@ -127,6 +162,42 @@ class RecurrenceSettings:
 
     def backprop_depth_at(self, iteration: int) -> Optional[int]:
         return None if self.backprop_depth is None else self.backprop_depth.at(iteration)
+
+    @property
+    def final_backprop_depth(self) -> Optional[int]:
+        return None if self.backprop_depth is None else self.backprop_depth.final
+
+    @property
+    def largest_repeats(self) -> int:
+        """The largest k a step can run (the cap; the loop's k without a distribution)."""
+        return self.max_repeats if self.dist is not None else self.mean.final
+
+    def pmf(self, mean: Optional[int] = None) -> Dict[int, float]:
+        """The law of k at mean ``mean`` (default: the final mean); a point mass without a distribution."""
+        m = self.mean.final if mean is None else int(mean)
+        if self.dist is None:
+            return {m: 1.0}
+        return repeats_pmf(self.dist, m, self.max_repeats)
+
+    def phases(self, train_iters: int) -> List[Tuple[int, int, Optional[int]]]:
+        """``(iterations, mean k, backprop depth)`` of the run's first ``train_iters`` steps, consecutive
+        steps with the same values merged (the curricula change them only during their warm-ups)."""
+        out: List[Tuple[int, int, Optional[int]]] = []
+        ramp = max(self.mean.warmup_iters, self.backprop_depth.warmup_iters if self.backprop_depth else 0)
+        for it in range(min(int(train_iters), ramp)):
+            key = (self.mean.at(it), self.backprop_depth_at(it))
+            if out and out[-1][1:] == key:
+                out[-1] = (out[-1][0] + 1, *key)
+            else:
+                out.append((1, *key))
+        rest = int(train_iters) - min(int(train_iters), ramp)
+        if rest:
+            key = (self.mean.final, self.final_backprop_depth)
+            if out and out[-1][1:] == key:
+                out[-1] = (out[-1][0] + rest, *key)
+            else:
+                out.append((rest, *key))
+        return out
 
     def to_meta(self) -> Dict[str, Any]:
         """The ``growloop.json`` record of the distribution."""

@@ -100,6 +100,7 @@ def setup_from_launch(launch: Launch, gpus: int, padded_vocab_size: Optional[int
         train_iters=args.train_iters,
         device=device,
         grow_transfer="checkpoint" if getattr(args, "grow_transfer", None) == "checkpoint" else "memory",
+        recurrence=getattr(args, "loop_recurrence", None),
     )
 
 

@@ -2,7 +2,11 @@
 
 FLOPs are :mod:`megatron_growloop.accounting`'s model FLOPs: ``3 x`` the forward pass per
 trained token at the model's *effective* depth (every application of a looped block), so
-growth stages and loops are counted as they run; recomputation is not model FLOPs.
+growth stages and loops are counted as they run; recomputation is not model FLOPs.  With
+randomized recurrence a step's FLOPs are those of the k it runs and the figures per step are
+expectations over the law of k (``looping.recurrence.repeats_pmf``); with truncated backprop only
+the applications that back-propagate a gradient count their backward (the trainer's accounting,
+``accounting.ArchShape.training_flops_per_token``).
 
 The step time is an estimate for ranking layouts, not a measurement.  ``--assume-mfu`` is the
 fraction of peak a GPU reaches on model FLOPs when nothing else gets in the way; on top of that
@@ -17,7 +21,12 @@ the estimate charges what a layout adds (Megatron-LM's usual accounting, Narayan
   node, the inter-node bandwidth beyond;
 * pipeline sends of the stage boundary activations (forward and backward);
 * data-parallel gradient reduction (and the distributed optimizer's parameter all-gather),
-  unless ``--overlap-grad-reduce`` (``--overlap-param-gather``) hides it behind the backward pass.
+  unless ``--overlap-grad-reduce`` (``--overlap-param-gather``) hides it behind the backward pass;
+* truncated backprop: an application without autograd costs its forward pass only (and half the
+  tensor-parallel collectives); the prelude's backward over zeros is charged (it runs).
+
+Randomized recurrence: the expected step time over the law of k (every micro-batch of a step
+runs the same k, so a step is a pipeline at that k).
 """
 
 from __future__ import annotations
@@ -32,9 +41,17 @@ from .memory import StageMemory
 
 
 def flops_per_step(setup: RunSetup) -> float:
+    """Model FLOPs of one step (the expectation over k with randomized recurrence)."""
     arch = setup.arch
     tokens = setup.global_batch * arch.seq_length
-    return float(tokens) * arch.shape.training_flops_per_token(arch.effective_depth, arch.seq_length)
+    if setup.recurrence is not None and setup.step is None:
+        return sum(p * flops_per_step(step) for p, step in setup.step_law())
+    loop = setup.step_loop
+    if loop is None:
+        return float(tokens) * arch.shape.training_flops_per_token(arch.effective_depth, arch.seq_length)
+    n = setup.step[1] if setup.step is not None else None
+    return float(tokens) * arch.shape.training_flops_per_token(loop.effective_depth, arch.seq_length,
+                                                               loop.backward_depth(n))
 
 
 def peak_flops_per_gpu(setup: RunSetup, cluster: Cluster) -> float:
@@ -60,6 +77,22 @@ def _collective_bw(cluster: Cluster, group: int, stride: int) -> float:
 
 
 def step_time(setup: RunSetup, cluster: Cluster, stages: List[StageMemory]) -> StepTime:
+    """The estimated step time (expected over k with randomized recurrence)."""
+    if setup.recurrence is None or setup.step is not None:
+        return _step_time(setup, cluster, stages)
+    law = [(p, _step_time(step, cluster, stages)) for p, step in setup.step_law()]
+    stage_seconds = [sum(p * t.stage_seconds[i] for p, t in law) for i in range(setup.layout.pp)]
+    return StepTime(
+        seconds=sum(p * t.seconds for p, t in law),
+        ideal_seconds=sum(p * t.ideal_seconds for p, t in law),
+        bottleneck_stage=max(range(setup.layout.pp), key=lambda i: stage_seconds[i]),
+        stage_seconds=stage_seconds,
+        tp_comm_seconds=sum(p * t.tp_comm_seconds for p, t in law),
+        dp_comm_seconds=sum(p * t.dp_comm_seconds for p, t in law),
+    )
+
+
+def _step_time(setup: RunSetup, cluster: Cluster, stages: List[StageMemory]) -> StepTime:
     arch = setup.arch
     tp, pp, dp = setup.layout.tp, setup.layout.pp, setup.dp
     s, b = arch.seq_length, setup.micro_batch_size
@@ -76,9 +109,12 @@ def step_time(setup: RunSetup, cluster: Cluster, stages: List[StageMemory]) -> S
     tp_per_app = 4 * 2 * (tp - 1) / tp * boundary / tp_bw if tp > 1 else 0.0
     pp_send = 2 * boundary / (tp if setup.sequence_parallel else 1) / _collective_bw(cluster, 2, tp * dp) if pp > 1 else 0.0
     times, tp_total = [], 0.0
+    apps, grad_apps = setup.stage_applications(), setup.stage_grad_applications()
     for st in stages:
-        flops = tokens * (st.applications * (3 * layer_fwd + extra_fwd) + (3 * head_fwd if st.pp_rank == pp - 1 else 0))
-        t_tp = st.applications * tp_per_app
+        a, g = apps[st.pp_rank], grad_apps[st.pp_rank]
+        flops = tokens * ((a - g) * layer_fwd + g * (3 * layer_fwd + extra_fwd)
+                          + (3 * head_fwd if st.pp_rank == pp - 1 else 0))
+        t_tp = (g + (a - g) / 2) * tp_per_app
         tp_total = max(tp_total, t_tp)
         times.append(flops / tp / rate + t_tp + pp_send)
     m = setup.num_microbatches
@@ -104,6 +140,12 @@ def training_flops(setup: RunSetup, train_iters: Optional[int]) -> Optional[floa
         return None
     arch, plan = setup.arch, setup.growth
     tokens = setup.global_batch * arch.seq_length
+    if plan is None and setup.recurrence is not None:  # the curricula change the law of k during their warm-ups
+        total = 0.0
+        for iters, mean, depth in setup.recurrence.phases(train_iters):
+            law = setup.recurrence.pmf(mean)
+            total += iters * sum(p * flops_per_step(setup.at_step(k, depth)) for k, p in law.items())
+        return total
     if plan is None:
         return float(train_iters) * flops_per_step(setup)
     return planned_training_flops(plan, arch.shape, arch.seq_length, tokens, max(train_iters, plan.grow_iters))["grown"]

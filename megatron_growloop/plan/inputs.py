@@ -3,7 +3,13 @@
 The run is the project's three records -- :class:`~megatron_growloop.model.arch.Arch`,
 :class:`~megatron_growloop.model.parallel.ParallelLayout`,
 :class:`~megatron_growloop.model.implementation.Implementation` -- plus the data-parallel
-size, the batch and the optimizer settings of ``pretrain``.
+size, the batch and the optimizer settings of ``pretrain``, and randomized recurrence
+(``--loop-repeats-dist``, ``--loop-backprop-depth``: :class:`~megatron_growloop.looping.recurrence.RecurrenceSettings`).
+
+With randomized recurrence ``arch`` holds the nominal k (the mean): the trainer builds the model
+and splits the pipeline at that k and only changes the schedule per step, so the stage sizes stay
+those of the nominal k.  :meth:`RunSetup.at_step` is one step at a given k and backprop depth;
+the planner sizes memory at the largest k and averages FLOPs and time over the law of k.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Dict, List, Optional, Tuple
 
 from ..errors import UsageError
 from ..growth.plan import GrowthPlan
+from ..looping.recurrence import RecurrenceSettings
 from ..model.arch import Arch
 from ..model.implementation import Implementation
 from ..model.parallel import ParallelLayout
@@ -50,6 +57,10 @@ class RunSetup:
     """``cuda`` for GPU runs; ``cpu`` plans the CPU kernels (the tests measure there)."""
     grow_transfer: str = "memory"
     """How growth steps carry the state (``--grow-transfer``): ``memory`` or ``checkpoint``."""
+    recurrence: Optional[RecurrenceSettings] = None
+    """k drawn per step and/or truncated backprop (None: every step runs the arch's k, full backprop)."""
+    step: Optional[Tuple[int, Optional[int]]] = None
+    """``(k, backprop depth)`` of one step (:meth:`at_step`); None: the run as a whole."""
 
     def __post_init__(self):
         if self.dp < 1:
@@ -71,6 +82,11 @@ class RunSetup:
                              "with --sequence-parallel")
         if self.impl.recompute_granularity == "full" and (self.impl.recompute_num_layers or 1) < 1:
             raise UsageError(f"--recompute-num-layers must be >= 1, got {self.impl.recompute_num_layers}")
+        if self.recurrence is not None and self.arch.loop is None:
+            raise UsageError("--loop-repeats-dist/--loop-backprop-depth need a looped model (--loop)")
+        if self.recurrence is not None and self.growth is not None:
+            raise UsageError("growing a looped model is not supported: drop --loop-repeats-dist/--loop-backprop-depth "
+                             "or --grow-method")
 
     @property
     def global_batch(self) -> int:
@@ -92,19 +108,64 @@ class RunSetup:
         """The same run with the model at another depth (a growth stage)."""
         return replace(self, arch=self.arch.with_depth(num_layers))
 
+    def at_step(self, repeats: int, backprop_depth: Optional[int]) -> "RunSetup":
+        """One training step of this run at k = ``repeats`` with this backprop depth (None: full)."""
+        return replace(self, step=(int(repeats), backprop_depth))
+
+    def worst_step(self) -> "RunSetup":
+        """The step that keeps the most activations: the largest k, the final backprop depth
+        (applications with autograd never decrease with k or the depth); the run itself without
+        randomized recurrence."""
+        rec = self.recurrence
+        if rec is None or self.step is not None:
+            return self
+        return self.at_step(rec.largest_repeats, rec.final_backprop_depth)
+
+    def step_law(self) -> List[Tuple[float, "RunSetup"]]:
+        """``(probability, step)`` over the k of a step at the final mean and backprop depth."""
+        rec = self.recurrence
+        if rec is None or self.step is not None:
+            return [(1.0, self)]
+        return [(p, self.at_step(k, rec.final_backprop_depth)) for k, p in sorted(rec.pmf().items()) if p > 0]
+
+    @property
+    def step_loop(self):
+        """The loop a step runs (the arch's, at the step's k)."""
+        loop = self.arch.loop
+        if loop is None or self.step is None:
+            return loop
+        return loop.with_repeats(self.step[0])
+
     def stage_sizes(self) -> List[int]:
         """Unique layers per pipeline stage (the whole model when PP=1)."""
         return list(_stage_sizes(self.arch, self.layout))
 
-    def stage_applications(self) -> List[int]:
-        """Layer applications per pipeline stage (a looped block counts k times)."""
+    def _per_stage(self, positions) -> List[int]:
         sizes = self.stage_sizes()
-        schedule = self.arch.schedule()
         out, lo = [], 0
         for n in sizes:
-            out.append(sum(1 for i in schedule if lo <= i < lo + n))
+            out.append(sum(1 for i in positions if lo <= i < lo + n))
             lo += n
         return out
+
+    def stage_applications(self) -> List[int]:
+        """Layer applications per pipeline stage (a looped block counts k times)."""
+        loop = self.step_loop
+        schedule = loop.schedule() if loop is not None else list(range(self.arch.num_layers))
+        return self._per_stage(schedule)
+
+    def stage_grad_applications(self) -> List[int]:
+        """Layer applications per stage that run with autograd (keep activations, run a backward
+        pass): all of them but the early recurrences of a truncated backprop
+        (``looping/truncation.py``; the prelude keeps running with autograd)."""
+        loop = self.step_loop
+        if loop is None:
+            return self.stage_applications()
+        schedule = loop.schedule()
+        cut = loop.no_grad_positions(self.step[1] if self.step is not None else None)
+        if cut is not None:
+            schedule = schedule[:cut[0]] + schedule[cut[1]:]
+        return self._per_stage(schedule)
 
 
 _SIZES: Dict[tuple, Tuple[int, ...]] = {}

@@ -13,6 +13,9 @@ states, activations and the peak.
   keeps the input it received (its stage output is freed once sent: ``deallocate_pipeline_outputs``
   is on, as in Megatron-LM), and the micro-batch being back-propagated peaks as
   :func:`.activations.stage_peak_bytes` says;
+  with randomized recurrence the step with the largest k (``--loop-repeats-max``), and with
+  truncated backprop only the applications that run with autograd keep activations (the early
+  recurrences run under ``torch.no_grad()``, ``looping/truncation.py``);
 * **peak**: all of it plus the largest transient: in 16-bit training the last stage's logits
   exist in both 16 and 32 bits during the loss (megatron's cross entropy works on an fp32 copy).
 
@@ -71,9 +74,11 @@ def kernels_of(setup: RunSetup) -> Kernels:
 
 
 def stage_memory(setup: RunSetup) -> List[StageMemory]:
+    setup = setup.worst_step()
     arch, tp, pp = setup.arch, setup.layout.tp, setup.layout.pp
     sizes = setup.stage_sizes()
     apps = setup.stage_applications()
+    grad_apps = setup.stage_grad_applications()
     k = kernels_of(setup)
     e_param = DTYPE_BYTES[setup.impl.dtype]
     half = setup.impl.dtype != "fp32"
@@ -92,13 +97,13 @@ def stage_memory(setup: RunSetup) -> List[StageMemory]:
         per_param_opt = 12 if half else 8
         optimizer = (per_param_opt * numel) // setup.dp if setup.distributed_optimizer else per_param_opt * params
         in_flight = min(pp - rank, m)
-        stored = act.stage_stored_bytes(arch, k, mb, apps[rank], first, last, rc)
-        peak_one = act.stage_peak_bytes(arch, k, mb, apps[rank], first, last, rc)
+        stored = act.stage_stored_bytes(arch, k, mb, grad_apps[rank], first, last, rc)
+        peak_one = act.stage_peak_bytes(arch, k, mb, grad_apps[rank], first, last, rc)
         boundary = k.act_bytes * arch.hidden_size * mb.tokens_sp
         pipeline = 0  # the stage's output tensor is freed once sent (deallocate_pipeline_outputs)
         if not first and not act._norm_keeps_its_input(k):
             pipeline += boundary  # the received input (the first norm saves a copy instead)
-        once = act.rope_table_bytes(arch, mb, apps[rank], rc)  # shared by the micro-batches in flight
+        once = act.rope_table_bytes(arch, mb, grad_apps[rank], rc)  # shared by the micro-batches in flight
         activations = (in_flight - 1) * (stored - once) + peak_one + in_flight * pipeline
         transient = k.act_bytes * mb.tokens * (arch.padded_vocab_size // tp) if (last and half) else 0
         out.append(StageMemory(rank, sizes[rank], apps[rank], params, in_flight, weights, grads, optimizer,

@@ -147,6 +147,10 @@ def _model_json(s: RunSetup) -> Dict[str, Any]:
     return {"num_layers": a.num_layers, "effective_depth": a.effective_depth, "loop": str(a.loop) if a.loop else None,
             "hidden_size": a.hidden_size, "padded_vocab_size": a.padded_vocab_size, "seq_length": a.seq_length,
             "tied_embeddings": a.tied,
+            "recurrence": None if s.recurrence is None else {
+                **s.recurrence.to_meta(), "memory_at_loop": str(s.worst_step().step_loop),
+                "memory_stage_grad_applications": s.worst_step().stage_grad_applications(),
+                "expected_repeats": sum(k * p for k, p in s.recurrence.pmf().items())},
             "growth": None if s.growth is None else {"method": s.growth.method, "block_size": s.growth.block_size,
                                                      "final_layers": s.growth.final_depth}}
 

@@ -44,6 +44,11 @@ def format_plan(p: Plan) -> str:
         )
     lines.append(f"(every TP rank of a stage holds the same; peak includes transients of "
                  f"{_g(max(st.transient for st in p.stages))} GB)")
+    if s.recurrence is not None:
+        worst = s.worst_step()
+        lines.append(f"randomized/truncated recurrence: {s.recurrence.describe()}; memory at the largest step "
+                     f"(Loop({worst.step_loop}), {sum(worst.stage_grad_applications())} applications with autograd); "
+                     f"FLOPs and step time are expectations over k")
     if p.growth_stages:
         lines += ["", "growth stages:"]
         for g in p.growth_stages:
