@@ -7,6 +7,7 @@ docs/gpu.md and exercised by benchmarks/gpu_check.sh.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from megatron_growloop.errors import UsageError
 
@@ -134,3 +135,34 @@ def test_checkpoint_growth_on_several_nodes_needs_a_shared_scratch(monkeypatch):
     with pytest.raises(UsageError, match="shared --grow-scratch-dir"):
         parse_pretrain_args(BASE + grow, world_size=16)
     assert parse_pretrain_args(BASE + grow + ["--save", "/shared/run"], world_size=16).args.save == "/shared/run"
+
+
+def test_the_loss_stays_on_the_device_and_is_read_only_at_log_intervals(dist_1rank, monkeypatch):
+    """Item 9: the trainer all-reduced the loss in fp64 and ``.item()``-ed it every step, a host
+    synchronisation per step on a GPU.  As Megatron-LM's ``train_step``/``training_log``, a step's
+    loss is a device scalar; the host reads the window's mean at log intervals and the last loss at
+    the end -- and nowhere else without --metrics-file."""
+    from megatron_growloop.pretrain import build_trainer, parse_pretrain_args
+    from megatron_growloop.training import trainer as trainer_mod
+
+    reads = []
+    real = trainer_mod.loss_value
+
+    def counting(loss):
+        reads.append(loss)
+        return real(loss)
+
+    monkeypatch.setattr(trainer_mod, "loss_value", counting)
+    trainer = build_trainer(parse_pretrain_args(
+        ["--tokenizer-type", "ByteTokenizer", "--mock-data", "--vocab-size", "256", "--train-iters", "6",
+         "--log-interval", "3"], world_size=1))
+    trainer.setup()
+    steps = []
+    real_step = trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda: steps.append(real_step()) or steps[-1])
+    summary = trainer.train()
+    assert len(steps) == 6 and all(isinstance(s["loss"], torch.Tensor) and s["loss"].dim() == 0 for s in steps)
+    assert len(reads) == 3, reads  # iterations 3 and 6 (window means) and the final loss
+    # the logged value is the mean of the window's per-step losses; the final one is the last step's
+    assert reads[1].item() == pytest.approx(sum(float(s["loss"]) for s in steps[3:]) / 3, rel=1e-6)
+    assert summary["final_loss"] == float(steps[-1]["loss"])

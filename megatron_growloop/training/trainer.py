@@ -58,6 +58,11 @@ from .resume import resolve_arch
 from .stop_conditions import StepVerdict, StopConditions, TrainingDiverged, divergence_message
 
 
+def loss_value(loss: Optional[torch.Tensor]) -> Optional[float]:
+    """The host value of a device loss: the one place the training loop waits for the device."""
+    return None if loss is None else float(loss)
+
+
 @dataclass
 class TrainState:
     """Counters that a checkpoint carries and a resume restores exactly."""
@@ -396,15 +401,20 @@ class Trainer:
             forward_only=forward_only,
         )
 
-    def _reduce_losses(self, losses: List[Dict[str, torch.Tensor]]) -> Optional[float]:
-        """Mean loss over the global batch, known on the last pipeline stage."""
+    def _reduce_losses(self, losses: List[Dict[str, torch.Tensor]]) -> Optional[torch.Tensor]:
+        """Mean loss over the global batch as a device scalar, on the last pipeline stage.
+
+        As Megatron-LM's ``train_step`` (``megatron/training/training.py``): the per-micro-batch
+        ``[sum, tokens]`` pairs are summed and all-reduced over DP on the device, and the ratio
+        stays a device tensor -- no host synchronisation.  The host reads it only where a value
+        is needed (:func:`loss_value`: log intervals, the metrics file, the end of the run)."""
         if not parallel_state.is_pipeline_last_stage():
             return None
-        total = torch.zeros(2, dtype=torch.float64, device=platform.device())
+        total = torch.zeros(2, dtype=torch.float32, device=platform.device())
         for item in losses:
             total += item["lm loss"].to(total)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return float(total[0] / total[1].clamp(min=1))
+        return total[0] / total[1].clamp(min=1)
 
     def train_step(self) -> Dict[str, Any]:
         self._grad_ready.select(self.model, self._grad_sync_key())
@@ -434,7 +444,7 @@ class Trainer:
             self.state.consumed_valid_samples += self.args.global_batch_size
         for m in self.model:
             m.train()
-        return self._reduce_losses(all_losses)
+        return loss_value(self._reduce_losses(all_losses))
 
     def _diverged(self, it: int, loss: Optional[float], grad_norm: Optional[float], verdict: StepVerdict) -> None:
         """Stop without saving: one line naming the iteration and the last good checkpoint."""
@@ -465,7 +475,7 @@ class Trainer:
                 losses = []
                 for _ in range(self.args.eval_iters):
                     losses.extend(self._fwd_bwd(data, forward_only=True))
-                out[k] = self._reduce_losses(losses)
+                out[k] = loss_value(self._reduce_losses(losses))
         finally:
             self.set_loop_repeats(current)
             for m in self.model:
@@ -506,7 +516,7 @@ class Trainer:
     def _write_metrics(self, it: int, out: Dict[str, Any], depth: int, dt: float, extra: Dict[str, Any]) -> None:
         rec = {
             "iteration": it,
-            "loss": out["loss"],
+            "loss": loss_value(out["loss"]),
             "lr": out["lr"],
             "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"]),
             "effective_depth": depth,
@@ -539,6 +549,7 @@ class Trainer:
             peak = accounting.device_peak_flops(torch.cuda.get_device_name(), fp8=bool(a.fp8_format))
         last = {"loss": None}
         window_t, window_flops, window_tokens, window_n, window_k = 0.0, 0.0, 0, 0, 0
+        window_loss = None  # sum of the window's per-step losses, on the device (Megatron-LM's total_loss_dict)
         final_eval = None
         stopped = None
         while self.state.iteration < a.train_iters:
@@ -562,15 +573,20 @@ class Trainer:
             window_tokens += tokens_per_iter
             window_n += 1
             window_k += repeats or 0
+            if out["loss"] is not None:
+                window_loss = out["loss"].detach() if window_loss is None else window_loss + out["loss"]
             last = out
             it = self.state.iteration
-            if a.metrics_file and self.is_logging_rank:
+            if a.metrics_file and self.is_logging_rank:  # per-step records: a host read every step
                 loop = {} if repeats is None else {"loop_repeats": repeats, "backward_depth": backward}
                 self._write_metrics(it, out, depth, dt, loop)
+            host_loss = None  # a host value of the loss exists only at log intervals
             if it % a.log_interval == 0 or it == a.train_iters:
+                host_loss = loss_value(None if window_loss is None else window_loss / window_n)
+                window_loss = None
                 tflops = window_flops / window_t / self.world_size / 1e12
                 metrics = {
-                    "lm loss": out["loss"],
+                    "lm loss": host_loss,
                     "learning-rate": out["lr"],
                     "grad-norm": float(out["grad_norm"]) if out["grad_norm"] is not None else None,
                     "tokens-per-sec": window_tokens / window_t,
@@ -588,11 +604,11 @@ class Trainer:
                 window_t, window_flops, window_tokens, window_n, window_k = 0.0, 0.0, 0, 0, 0
             # signals, time limit, NaN/Inf: one verdict for all ranks, before anything is saved.  Host
             # values only (stop_conditions.py): the grad norm every step (megatron-core's optimizer
-            # returns a float), the loss where a host value exists -- _reduce_losses returns one
-            # every step today; with the loss kept on the device, pass the value logged above.
-            verdict = self.stop.check(out["loss"], out["grad_norm"])
+            # returns a float), the loss at log intervals (the window's mean: a NaN at any of its
+            # steps shows), None in between.
+            verdict = self.stop.check(host_loss, out["grad_norm"])
             if verdict.diverged:
-                self._diverged(it, out["loss"], out["grad_norm"], verdict)
+                self._diverged(it, host_loss, out["grad_norm"], verdict)
             if verdict.exit_reason:
                 stopped = verdict.exit_reason
                 break
@@ -620,7 +636,7 @@ class Trainer:
         summary = {
             "stopped": stopped,
             "iteration": self.state.iteration,
-            "final_loss": last.get("loss"),
+            "final_loss": loss_value(last.get("loss")),
             "validation_loss": final_eval,
             "training_flops": self.state.training_flops,
             "checkpoint": saved,
