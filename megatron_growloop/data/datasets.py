@@ -122,8 +122,13 @@ class GlobalBatch:
         return range(start, start + self.micro_batch_size)
 
 
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+OPTIONAL_BATCH_KEYS = ("segment_ids",)
+"""``segment_ids``: packed fine-tuning sequences (:mod:`megatron_growloop.data.packing`)."""
+
+
 def collate(samples: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    keys = BATCH_KEYS + tuple(k for k in OPTIONAL_BATCH_KEYS if k in samples[0])
     return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}
 
 

@@ -199,14 +199,19 @@ def make_item(
     seed: int = 0,
     num_fewshot: int = DEFAULT_NUM_FEWSHOT,
     template=DEFAULT_TEMPLATE,
+    stream: str = "test",
 ) -> Item:
-    """Item ``index`` of task ``name`` (see the module docstring for the determinism rules)."""
+    """Item ``index`` of task ``name`` (see the module docstring for the determinism rules).
+
+    ``stream`` names an independent sequence of items: ``"test"`` is the evaluation set;
+    fine-tuning data is drawn from another stream (``"sft"``) and is further filtered
+    against the evaluation items (:mod:`megatron_growloop.eval.sft_tasks`)."""
     spec = get_task(name)
     tmpl = get_template(template)
     if int(num_fewshot) < 0:
         raise UsageError(f"--num-fewshot must be >= 0, got {num_fewshot}")
-    test = _example(spec, _rng(spec, seed, "test", index), tmpl)
-    demo_rng = _rng(spec, seed, "demo", index)
+    test = _example(spec, _rng(spec, seed, stream, index), tmpl)
+    demo_rng = _rng(spec, seed, "demo" if stream == "test" else f"{stream}-demo", index)
     parts = []
     for _ in range(int(num_fewshot)):
         d = _example(spec, demo_rng, tmpl)

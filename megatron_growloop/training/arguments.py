@@ -38,6 +38,8 @@ from .resume import apply_checkpoint_args, find_resume
 
 ArgsProvider = Callable[[argparse.ArgumentParser], None]
 ArgsValidator = Callable[[argparse.Namespace], None]
+ArgsPreparer = Callable[[argparse.Namespace, int], None]
+"""``(args, world_size)``: an extension's step that must run before the generic checks."""
 
 
 @dataclass(frozen=True)
@@ -364,18 +366,29 @@ def parse_args(
     extra_args_providers: Sequence[ArgsProvider] = (),
     extra_validators: Sequence[ArgsValidator] = (),
     planning: bool = False,
+    before_resume: Sequence[ArgsPreparer] = (),
+    before_validate: Sequence[ArgsPreparer] = (),
     prog: str = "megatron_growloop.pretrain",
 ) -> Launch:
     """Parse and check ``pretrain`` flags; read the ``--load`` checkpoint's metadata once.
-    ``planning``: see :func:`validate_args` (the layout planner, ``prog`` its name)."""
+    ``planning``: see :func:`validate_args` (the layout planner, ``prog`` its name).
+
+    Extensions hook in at two points: ``before_resume`` may change which checkpoint
+    ``--load`` names (fine-tuning's ``--pretrained-checkpoint``), ``before_validate``
+    sees the flags with the preset and checkpoint architecture applied (fine-tuning
+    derives ``--train-iters`` from ``--epochs`` there)."""
     args = build_parser(prog, extra_args_providers=extra_args_providers).parse_args(argv)
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    for prepare in before_resume:  # may name another --load (fine-tuning's --pretrained-checkpoint)
+        prepare(args, world)
     fallback_before_parse(args)  # before --load is read: a damaged latest may be replaced
     resume = find_resume(args)
     if args.use_checkpoint_args:
         apply_checkpoint_args(args, resume)
     explicit_num_layers = args.num_layers is not None
     apply_preset(args)
-    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    for prepare in before_validate:
+        prepare(args, world)
     validate_args(args, world, resume, extra_validators, explicit_num_layers, planning)
     check_depth_against_checkpoint(args, resume, explicit_num_layers)
     return Launch(args, resume)

@@ -35,6 +35,7 @@ from .. import accounting, platform
 from ..data.datasets import GlobalBatch, MicroBatchIterator, build_gpt_datasets, parse_blend
 from ..data.default_corpus import default_data_prefix
 from ..data.mock import MockDataset
+from ..data.packing import block_causal_mask
 from ..data.tokenizer import build_tokenizer
 from ..errors import UsageError
 from ..looping.ddp import GradReadyCounts
@@ -61,6 +62,14 @@ from .stop_conditions import StepVerdict, StopConditions, TrainingDiverged, dive
 def loss_value(loss: Optional[torch.Tensor]) -> Optional[float]:
     """The host value of a device loss: the one place the training loop waits for the device."""
     return None if loss is None else float(loss)
+
+
+DatasetsProvider = Callable[[Sequence[int]], tuple]
+"""``[train, valid, test] sample counts -> (train, valid, test)`` datasets (None: not used),
+as Megatron-LM's ``train_valid_test_datasets_provider`` passed to ``pretrain(...)``.  A sample
+is a dict of ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` (``[seq]`` each) and
+optionally ``segment_ids`` (packed sequences).  Without a provider the trainer builds
+``GPTDataset`` blends from ``--data-path`` (or mock / embedded data)."""
 
 
 @dataclass
@@ -96,13 +105,18 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
+    """One micro-batch.  A batch with ``segment_ids`` (packed fine-tuning sequences) gets the
+    block-diagonal causal attention mask that keeps its examples apart, as Megatron-LM's
+    ``pretrain_gpt.py`` turns a packed batch's ``cu_seqlens`` into ``packed_seq_params``."""
     batch = next(data_iterator)
     dev = platform.device()
     tokens = batch["tokens"].to(dev, non_blocking=True)
     labels = batch["labels"].to(dev, non_blocking=True)
     loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
     position_ids = batch["position_ids"].to(dev, non_blocking=True)
-    output = model(tokens, position_ids, None, labels=labels)
+    segments = batch.get("segment_ids")
+    attention_mask = None if segments is None else block_causal_mask(segments.to(dev, non_blocking=True))
+    output = model(tokens, position_ids, attention_mask, labels=labels)
     return output, partial(loss_func, loss_mask)
 
 
@@ -120,8 +134,10 @@ class Trainer:
     state: TrainState
     stack: Optional[ModelStack]
 
-    def __init__(self, launch: Launch, controllers: Sequence[Controller] = ()):
+    def __init__(self, launch: Launch, controllers: Sequence[Controller] = (),
+                 datasets_provider: Optional[DatasetsProvider] = None):
         args = self.args = launch.args
+        self.datasets_provider = datasets_provider
         self.resume = launch.resume
         init_distributed(
             args.tensor_model_parallel_size,
@@ -340,7 +356,9 @@ class Trainer:
         # no validation split is built unless it is used (a split too small for one sample is refused)
         n_valid = (a.train_iters // a.eval_interval + 1) * a.eval_iters * a.global_batch_size if a.eval_interval else 0
         self.cooldown_ds = None
-        if a.mock_data:
+        if self.datasets_provider is not None:
+            self.train_ds, self.valid_ds, _ = self.datasets_provider([n_train, n_valid, 0])
+        elif a.mock_data:
             vocab = self.arch.padded_vocab_size if self.tokenizer is None else self.tokenizer.vocab_size
             self.train_ds = MockDataset(vocab, a.seq_length, a.seed)
             self.valid_ds = MockDataset(vocab, a.seq_length, a.seed + 1)
