@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import time
 import warnings
 from pathlib import Path
@@ -19,10 +20,10 @@ from typing import Any, Dict, List, Optional
 from ..errors import ArgumentParser, UsageError, cli_errors
 from ..looping.cli import add_inference_loop_args, validate_inference_loop_args
 from ..training.initialize import teardown
-from . import lm_tasks, plots, primitives, scoring, sweeps
+from . import lm_tasks, plots, primitives, scoring, sft_sweep, sweeps
 from .engine import LogProbEngine
-from .lm_eval_run import run_lm_eval
-from .loader import describe_model, load_for_eval
+from .lm_eval_run import lm_eval_at, run_lm_eval
+from .loader import describe_model, load_for_eval, model_label
 from .nll import build_eval_dataset, heldout_nll
 from .parallel import is_driver
 
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data-cache-path", default=None)
     s.add_argument("--out", default=None)
 
-    s = sub.add_parser("sweep", help="repeat-block or in-context-example sweeps (JSON + PNG)")
+    s = sub.add_parser("sweep", help="repeat-block, in-context, fine-tuning and loop-repeat sweeps (JSON + PNG)")
     ssub = s.add_subparsers(dest="sweep", required=True, parser_class=ArgumentParser)
     r = ssub.add_parser("repeat-block", help="accuracy over block start x total applications R")
     _model_args(r)
@@ -107,6 +108,42 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--metric", default="acc_norm", choices=["acc", "acc_norm"], help="metric plotted")
     i.add_argument("--out", required=True)
     i.add_argument("--plot", default=None)
+
+    f = ssub.add_parser("sft", help="fine-tune each model on N examples x seeds, evaluate held-out items (Fig. 8)")
+    f.add_argument("--model", action="append", required=True, metavar="label=NAME,hf=DIR|load=CKPT[,retrofit_loop=S:E:R]",
+                   help="a model to fine-tune (repeatable); retrofit_loop fine-tunes and evaluates with a block repeated")
+    f.add_argument("--sft-tasks", default="va_code_d1,va_code_d2", help="primitives to fine-tune on and evaluate")
+    f.add_argument("--examples", default="64,128,256,512",
+                   help="comma-separated numbers of fine-tuning examples N (0: the model as it is)")
+    f.add_argument("--seeds", default="0,1,2", help="comma-separated data seeds (--sft-seed of each fine-tune)")
+    f.add_argument("--limit", type=int, default=100, help="held-out evaluation items per task")
+    f.add_argument("--seed", type=int, default=0, help="seed of the held-out evaluation items")
+    f.add_argument("--num-fewshot", type=int, default=0, help="demonstrations per prompt, in training and evaluation")
+    f.add_argument("--template", default="fill_blank")
+    f.add_argument("--finetune-args", default="",
+                   help="flags for every fine-tune, e.g. \"--seq-length 256 --epochs 3 --lr 1e-4 --micro-batch-size 4\"")
+    f.add_argument("--nproc-per-node", type=int, default=1, help="fine-tune under torchrun with this many ranks")
+    f.add_argument("--keep-checkpoints", action="store_true", help="keep every cell's fine-tuned checkpoint")
+    f.add_argument("--batch-size", type=int, default=8, help="sequences per forward in evaluation")
+    f.add_argument("--metric", default="acc_norm", choices=["acc", "acc_norm"], help="metric plotted")
+    f.add_argument("--out", required=True, help="results JSON (cells go to <out stem>_cells/)")
+    f.add_argument("--plot", default=None)
+    k = ssub.add_parser("loop-repeats", help="accuracy against k of a looped model or R of one block (Fig. 9, 17)")
+    _model_args(k)
+    _task_args(k)
+    k.add_argument("--repeats", default="1,2,3,4", help="comma-separated k (looped model) or R (with --block)")
+    k.add_argument("--block", default=None, metavar="START:END",
+                   help="sweep the applications R of this block of effective-depth positions (any model)")
+    k.add_argument("--lm-eval-tasks", default=None,
+                   help="also run these lm-eval tasks at every point, through the lm-eval adapter "
+                        "(model_args loop_repeats=k / repeat_block=S:E:R); rp_* tasks are generated locally")
+    k.add_argument("--lm-eval-limit", type=int, default=None)
+    k.add_argument("--compare", nargs="*", default=[], metavar="RESULT.json",
+                   help="earlier loop-repeats results (other models) drawn in the same plot")
+    k.add_argument("--label", default=None, help="this model's name in the plot")
+    k.add_argument("--metric", default="acc_norm", choices=["acc", "acc_norm"], help="metric plotted")
+    k.add_argument("--out", required=True)
+    k.add_argument("--plot", default=None)
 
     s = sub.add_parser("lm-eval", help="run lm-evaluation-harness tasks (rp_* primitives are local)")
     _model_args(s)
@@ -270,6 +307,71 @@ def cmd_sweep_icl(args) -> Dict[str, Any]:
     return _finish_sweep(args, res, info, plots.plot_icl)
 
 
+def cmd_sweep_sft(args) -> Dict[str, Any]:
+    models = [sft_sweep.SweepModel.parse(m) for m in args.model]
+    if args.limit < 1:
+        raise UsageError(f"--limit must be >= 1, got {args.limit}")
+    if args.nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    primitives.get_template(args.template)
+    extra = shlex.split(args.finetune_args)
+    out = Path(args.out)
+    root = out.with_name(out.stem + "_cells")
+
+    def load_eval(load=None, hf=None, repeat_blocks=()):
+        model, _, tok = load_for_eval(load=load, hf=hf, repeat_blocks=list(repeat_blocks))
+        return model, LogProbEngine(model, tok, batch_size=args.batch_size)
+
+    res = sft_sweep.sft_sweep(
+        models, args.sft_tasks, _int_list(args.examples), _int_list(args.seeds), root, load_eval, limit=args.limit,
+        eval_seed=args.seed, num_fewshot=args.num_fewshot, template=args.template, finetune_args=extra,
+        nproc=args.nproc_per_node, keep_checkpoints=args.keep_checkpoints, log=_log,
+        on_update=lambda partial: _write_json(args.out, {**partial, "partial": True}, quiet=True))
+    res["plot_metric"] = args.metric
+    _write_json(args.out, res)
+    path = args.plot or str(out.with_suffix(".png"))
+    plots.plot_sft(res, path, metric=args.metric)
+    _log(f"wrote {path}")
+    return res
+
+
+def cmd_sweep_loop_repeats(args) -> Dict[str, Any]:
+    _validate_task_args(args)
+    others = []
+    for p in args.compare:
+        try:
+            others.append(json.loads(Path(p).read_text()))
+        except (OSError, ValueError):
+            raise UsageError(f"--compare {p!r} is not a readable results JSON") from None
+        if others[-1].get("kind") != "loop_repeats":
+            raise UsageError(f"--compare {p!r} is not a loop-repeats sweep result")
+    model, meta, tok, info = _load(args)
+    engine = _engine(args, model, tok)
+    _check_fits(engine, args.tasks, args.limit, args.seed, args.num_fewshot, args.template)
+    extra = None
+    base_blocks = list(model.config.repeat_blocks)
+    if args.lm_eval_tasks:
+        def extra(value, setting):
+            key, _, spec = setting.partition("=")
+            if key == "repeat_block":  # the model's own repeat blocks stay
+                spec = ";".join([str(b) for b in base_blocks] + [spec])
+            return lm_eval_at(model, tok, args.lm_eval_tasks, limit=args.lm_eval_limit, seed=args.seed,
+                              num_fewshot=args.num_fewshot, template=args.template, batch_size=args.batch_size,
+                              **{key: spec})
+    res = sweeps.loop_repeats_sweep(model, engine, args.tasks, repeats=_int_list(args.repeats), block=args.block,
+                                    limit=args.limit, seed=args.seed, num_fewshot=args.num_fewshot,
+                                    template=args.template, log=_log, extra=extra)
+    res["label"] = args.label or model_label(info)
+    res["model"] = info
+    res["plot_metric"] = args.metric
+    _write_json(args.out, res)
+    if is_driver():
+        path = args.plot or str(Path(args.out).with_suffix(".png"))
+        plots.plot_loop_repeats(res, path, metric=args.metric, others=others)
+        print(f"wrote {path}", flush=True)
+    return res
+
+
 def cmd_lm_eval(args) -> Dict[str, Any]:
     return run_lm_eval(args, _load, _write_json, _log)
 
@@ -285,14 +387,15 @@ def cmd_export(args) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     with cli_errors(PROG):
         args = build_parser().parse_args(argv)
-        if args.command != "export-tasks":
+        if args.command != "export-tasks" and not (args.command == "sweep" and args.sweep == "sft"):
             validate_inference_loop_args(args)
         if args.command == "primitives":
             out = cmd_primitives(args)
         elif args.command == "nll":
             out = cmd_nll(args)
         elif args.command == "sweep":
-            out = cmd_sweep_repeat(args) if args.sweep == "repeat-block" else cmd_sweep_icl(args)
+            out = {"repeat-block": cmd_sweep_repeat, "icl": cmd_sweep_icl, "sft": cmd_sweep_sft,
+                   "loop-repeats": cmd_sweep_loop_repeats}[args.sweep](args)
         elif args.command == "lm-eval":
             out = cmd_lm_eval(args)
         else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.distributed as dist
 
@@ -54,15 +54,7 @@ def run_lm_eval(args, load: Callable, write_json: Callable, log: Callable) -> Di
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     model, meta, tok, info = load(args)
-    task_dir = None
-    if prims:
-        n_items = max(args.num_items, args.limit or 0)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            task_dir = lm_tasks.cached_task_dir(prims, n_items, args.seed, args.num_fewshot, args.template)
-        if dist.is_initialized():
-            box = [task_dir]
-            dist.broadcast_object_list(box, src=0)
-            task_dir = box[0]
+    task_dir = _task_dir(prims, max(args.num_items, args.limit or 0), args.seed, args.num_fewshot, args.template)
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -91,3 +83,42 @@ def run_lm_eval(args, load: Callable, write_json: Callable, log: Callable) -> Di
 def _wants_downloads(spec: str) -> bool:
     return any(not (t.strip().startswith(lm_tasks.PREFIX) or t.strip() == lm_tasks.TAG)
                for t in str(spec).split(",") if t.strip())
+
+
+def _task_dir(prims: List[str], n_items: int, seed: int, num_fewshot: int, template) -> Optional[str]:
+    """The local lm-eval task directory of the ``rp_*`` primitives (written by rank 0, cached)."""
+    if not prims:
+        return None
+    task_dir = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        task_dir = lm_tasks.cached_task_dir(prims, n_items, seed, num_fewshot, template)
+    if dist.is_initialized():
+        box = [task_dir]
+        dist.broadcast_object_list(box, src=0)
+        task_dir = box[0]
+    return task_dir
+
+
+def lm_eval_at(model, tokenizer, tasks: str, limit: Optional[int] = None, seed: int = 0, num_fewshot: int = 5,
+               template="fill_blank", batch_size: int = 8, num_items: int = 1000,
+               loop_repeats: Optional[str] = None, repeat_block: Optional[str] = None) -> Dict[str, Dict[str, float]]:
+    """lm-eval ``tasks`` on a loaded model at ``loop_repeats=k`` or ``repeat_block=S:E:R[;...]``,
+    passed to the adapter exactly as ``--model_args`` would pass them: ``{task: {metric: value}}``
+    (numeric metrics, lm-eval's ``metric,filter`` names)."""
+    if not _wants_downloads(tasks):
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    prims, others = _split_tasks(tasks)
+    task_dir = _task_dir(prims, max(num_items, limit or 0), seed, num_fewshot, template)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    lm = GrowLoopLM(model=model, tokenizer=tokenizer, batch_size=batch_size, loop_repeats=loop_repeats,
+                    repeat_block=repeat_block)
+    tm = TaskManager(include_path=task_dir, include_defaults=bool(others)) if task_dir else TaskManager()
+    names = [lm_tasks.lm_task_name(p) for p in prims] + others
+    out = lm_eval.simple_evaluate(model=lm, tasks=names, limit=limit, task_manager=tm, log_samples=False,
+                                  bootstrap_iters=0, random_seed=seed)
+    res = (out or {}).get("results", {})
+    return {t: {k: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and "stderr" not in k} for t, r in res.items()}

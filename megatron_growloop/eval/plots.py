@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -115,6 +115,93 @@ def plot_icl(result: Dict[str, Any], path: str, metric: str = "acc_norm") -> str
                 (f"  | block boundaries {model['boundaries']}" if model.get("boundaries") else ""),
                 transform=ax.transAxes, fontsize=6, color="dimgrey")
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _x_axis(ax, xs, label: str) -> None:
+    """Ticks at the measured values; a symmetric-log axis when they span more than 8x (N = 64 ... 512)."""
+    xs = sorted(set(xs))
+    positive = [x for x in xs if x > 0]
+    if positive and positive[-1] > 8 * positive[0]:
+        ax.set_xscale("symlog", linthresh=positive[0])
+    ax.set_xticks(xs)
+    ax.set_xticklabels([str(x) for x in xs], fontsize=7)
+    ax.set_xlabel(label)
+
+
+def plot_sft(result: Dict[str, Any], path: str, metric: str = "acc_norm") -> str:
+    """Fig. 8: held-out accuracy against the number of fine-tuning examples, one panel per task
+    (+ the task mean), one line per model with mean ± std over seeds shaded, chance dashed."""
+    plt = _mpl()
+    names = list(result["tasks"]) + (["mean"] if len(result["tasks"]) > 1 else [])
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False, layout="constrained")
+    for ax, name in zip(axes[0], names):
+        xs_all = []
+        for model in result["models"]:
+            s = result["summary"][model["label"]][name][metric]
+            if not s["n"]:
+                continue
+            xs, mean, std = np.array(s["n"]), 100 * np.array(s["mean"]), 100 * np.array(s["std"])
+            label = model["label"] + (f" (repeat {model['retrofit_loop']})" if model.get("retrofit_loop") else "")
+            line, = ax.plot(xs, mean, marker="o", ms=3, label=label)
+            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+            xs_all.extend(s["n"])
+        chance = (np.mean(list(result["chance"].values())) if name == "mean" else result["chance"][name])
+        ax.axhline(100 * chance, color="grey", ls="--", lw=0.9, label="chance")
+        if xs_all:
+            _x_axis(ax, xs_all, "fine-tuning examples N")
+        ax.set_ylim(0, 100)
+        ax.set_ylabel(f"held-out {metric} (%)")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    cfg = result.get("config", {})
+    fig.suptitle(f"Supervised fine-tuning (mean ± std over seeds {cfg.get('seeds')}; {cfg.get('limit')} held-out "
+                 f"items per task, {cfg.get('num_fewshot')}-shot)", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_loop_repeats(result: Dict[str, Any], path: str, metric: str = "acc_norm",
+                      others: Sequence[Dict[str, Any]] = ()) -> str:
+    """Fig. 9 / 17: accuracy against k (looped model) or R (a repeated block), one panel per
+    task (+ mean); ``others`` (earlier results of other models) are drawn in the same panels."""
+    plt = _mpl()
+    runs = [result] + list(others)
+    names = list(result["tasks"]) + (["mean"] if len(result["tasks"]) > 1 else [])
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.0 * rows + 0.6), squeeze=False, layout="constrained")
+    for ax, name in zip(axes.flat, names):
+        xs_all = []
+        for run in runs:
+            ys = run[metric].get(name)
+            if ys is None:
+                continue
+            xs = run["repeats"]
+            pts = [(x, 100 * y) for x, y in zip(xs, ys) if y is not None]
+            if not pts:
+                continue
+            label = run.get("label") or (model_label(run["model"]) if run.get("model") else "model")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
+            if run.get("trained_repeats") is not None:
+                ax.axvline(run["trained_repeats"], color="grey", lw=0.6, ls=":")
+            xs_all.extend(xs)
+        chance = (np.mean(list(result["chance"].values())) if name == "mean" else result["chance"].get(name))
+        if chance is not None:
+            ax.axhline(100 * chance, color="grey", ls="--", lw=0.9)
+        if xs_all:
+            ax.set_xticks(sorted(set(xs_all)))
+        ax.set_xlabel(result["axis"])
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(name + ("" if name == "mean" or chance is None else f" (chance {chance:.0%})"), fontsize=9)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"Accuracy against {result['axis']} (dotted: the value trained with)", fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -6,6 +6,9 @@
   live model (:meth:`GrowLoopGPTModel.set_repeat_blocks`); nothing is reloaded.
 * :func:`icl_sweep` -- accuracy over the number of in-context examples, up to the
   largest number whose prompts fit the context length (paper Fig. 7, 16).
+* :func:`loop_repeats_sweep` -- accuracy against k of a looped model, or against the
+  number of applications R of one block of any model (paper Fig. 9, 17); optionally any
+  lm-eval task at every k through the lm-eval adapter.
 
 Both evaluate the same items for every configuration (the items of a task depend only
 on ``(task, seed, index)``), so differences between cells are paired.
@@ -247,3 +250,98 @@ def repeat_block_table(result: Dict[str, Any], metric: str = "acc_norm", stderr:
         label = f"**{name}**" if name == "mean" else name
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _parse_block(text: str):
+    """``S:E`` -> ``(S, E)`` (the block whose applications are counted)."""
+    parts = str(text).split(":")
+    try:
+        start, end = (int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--block {text!r}: expected START:END (effective-depth positions), e.g. 8:12") from None
+    if start < 0 or end <= start:
+        raise UsageError(f"--block {text!r}: need 0 <= START < END")
+    return start, end
+
+
+def loop_repeats_sweep(
+    model,
+    scorer: Scorer,
+    tasks="all",
+    repeats: Sequence[int] = (1, 2, 3, 4),
+    block: Optional[str] = None,
+    limit: int = 100,
+    seed: int = 0,
+    num_fewshot: int = primitives.DEFAULT_NUM_FEWSHOT,
+    template=primitives.DEFAULT_TEMPLATE,
+    log: Optional[Callable[[str], None]] = None,
+    extra: Optional[Callable[[int, str], Dict[str, Dict[str, float]]]] = None,
+) -> Dict[str, Any]:
+    """Accuracy at every value of the depth axis, on the live model (nothing is reloaded).
+
+    Without ``block`` the model must be looped and the axis is its k (``set_loop_repeats``);
+    with ``block="S:E"`` positions ``S..E-1`` run R times in total (``R = 1``: unchanged).
+    ``extra(value, setting)`` -- e.g. lm-eval tasks through the adapter -- returns
+    ``{task: {metric: value}}`` at each point, stored under ``"extra"``.  The model's own
+    schedule is restored afterwards."""
+    names = primitives.resolve_tasks(tasks)
+    repeats = sorted({int(r) for r in repeats})
+    if not repeats or repeats[0] < 1:
+        raise UsageError(f"--repeats must be integers >= 1, got {list(repeats)}")
+    base_blocks = list(model.config.repeat_blocks)
+    loop = model.config.loop
+    if block is None:
+        if loop is None:
+            raise UsageError("this model has no loop: give --block START:END to sweep the applications of one block")
+        axis, trained = "k (loop repeats)", loop.repeats
+    else:
+        start, end = _parse_block(block)
+        axis, trained = f"R (applications of block {start}:{end})", 1
+        if end > model.effective_depth:
+            raise UsageError(f"--block {block} lies outside the model: its effective depth is {model.effective_depth}")
+    items = {n: primitives.generate_task(n, limit, seed=seed, num_fewshot=num_fewshot, template=template) for n in names}
+    out: Dict[str, Any] = {"kind": "loop_repeats", "axis": axis, "block": block, "trained_repeats": trained,
+                           "tasks": names, "repeats": [], "effective_depth": [], "settings": [], "skipped": {},
+                           "acc": {n: [] for n in names + ["mean"]}, "acc_norm": {n: [] for n in names + ["mean"]},
+                           "stderr": {"acc": {n: [] for n in names}, "acc_norm": {n: [] for n in names}},
+                           "extra": {}}
+    try:
+        for r in repeats:
+            if block is None:
+                model.set_loop_repeats(r)
+                setting = f"loop_repeats={r}"
+            else:
+                spec = f"{start}:{end}:{r}"
+                err = _set_blocks(model, base_blocks + [spec])
+                if err:
+                    out["skipped"][str(r)] = err
+                    if log:
+                        log(f"R={r}: skipped ({err})")
+                    continue
+                setting = f"repeat_block={spec}"
+            t0 = time.time()
+            res = {n: evaluate_items(scorer, items[n])[0].to_dict() for n in names}
+            out["repeats"].append(r)
+            out["settings"].append(setting)
+            out["effective_depth"].append(model.effective_depth)
+            for metric in ("acc", "acc_norm"):
+                for n in names:
+                    out[metric][n].append(res[n][metric])
+                    out["stderr"][metric][n].append(res[n][f"{metric}_stderr"])
+                out[metric]["mean"].append(sum(res[n][metric] for n in names) / len(names))
+            if extra is not None:
+                for task, vals in extra(r, setting).items():
+                    for metric, v in vals.items():
+                        out["extra"].setdefault(task, {}).setdefault(metric, []).append(v)
+            if log:
+                log(f"{setting:>22s} (depth {model.effective_depth}): mean acc {out['acc']['mean'][-1]:.3f}  "
+                    f"acc_norm {out['acc_norm']['mean'][-1]:.3f}  ({time.time() - t0:.1f}s)")
+    finally:
+        if block is None:
+            model.set_loop_repeats(trained)
+        else:
+            _set_blocks(model, base_blocks)
+    out["chance"] = {n: primitives.get_task(n).chance for n in names}
+    out["config"] = {"limit": limit, "seed": seed, "num_fewshot": num_fewshot,
+                     "template": primitives.get_template(template).name, "base_repeat_blocks": [str(b) for b in base_blocks]}
+    return out
