@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -84,7 +85,8 @@ class SweepModel:
 
 
 def cell_dir(root: Path, label: str, n: int, seed: int) -> Path:
-    return root / label / (f"n{n}" if n == 0 else f"n{n}_s{seed}")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+    return root / safe / (f"n{n}" if n == 0 else f"n{n}_s{seed}")
 
 
 def _child_env() -> Dict[str, str]:
