@@ -47,7 +47,7 @@ from .eval import primitives
 from .eval.sft_tasks import DEFAULT_HELDOUT_ITEMS, sft_examples
 from .paths import cache_dir
 from .training.arguments import Launch, parse_args
-from .training.checkpointing import TRACKER
+from .training.checkpointing import META_NAME, TRACKER
 from .training.controller import Controller
 from .training.initialize import teardown
 from .training.trainer import Trainer
@@ -130,7 +130,8 @@ def resolve_start(args, world_size: int) -> None:
         if _has_checkpoint(args.load):
             args.use_checkpoint_args = True  # resume: the architecture is this fine-tune's own
             return
-        if not _has_checkpoint(args.pretrained_checkpoint) and not args.pretrained_checkpoint.rstrip("/").split("/")[-1].startswith("iter_"):
+        pretrained = args.pretrained_checkpoint
+        if not (_has_checkpoint(pretrained) or os.path.exists(os.path.join(pretrained, META_NAME))):
             raise UsageError(f"--pretrained-checkpoint {args.pretrained_checkpoint!r} holds no checkpoint")
         args.load = args.pretrained_checkpoint
         args.finetune = True
