@@ -25,3 +25,4 @@ python benchmarks/ckpt_reliability.py --preset smollm-135m --rounds 3 --out $R/c
 OMP_NUM_THREADS=1 python benchmarks/recurrence.py
 OMP_NUM_THREADS=1 python benchmarks/recurrence.py --hidden 128 --backprop-depth 2 --memory-depths 1 \
     --out $R/recurrence_truncated.json
+python benchmarks/sft.py --out $R/sft.json

@@ -144,3 +144,37 @@ def test_loop_repeats_cli_with_lm_eval_tasks(tiny_ckpts, tmp_path):
     assert res["extra"]["rp_va_basic_d0"]["acc,none"] == res["acc"]["va_basic_d0"]
     assert res["extra"]["rp_va_basic_d0"]["acc_norm,none"] == res["acc_norm"]["va_basic_d0"]
     assert (tmp_path / "k.png").stat().st_size > 0
+
+
+def test_block_repeats_cli_and_comparison_plot(tiny_ckpts, tmp_path):
+    """``--block S:E`` sweeps R on a plain model (Fig. 17) with the same numbers as the Python
+    API; ``--compare`` draws an earlier result in the same plot (Fig. 9's model comparison)."""
+    plain = tmp_path / "plain.json"
+    run_module(MOD, ["sweep", "loop-repeats", "--load", tiny_ckpts.plain, "--block", "1:3", "--repeats", "1,2",
+                     "--tasks", "va_basic_d0", "--limit", "3", "--num-fewshot", "0", "--label", "plain 1:3",
+                     "--out", str(plain)])
+    res = json.loads(plain.read_text())
+    assert res["label"] == "plain 1:3" and res["block"] == "1:3" and res["trained_repeats"] == 1
+    assert res["settings"] == ["repeat_block=1:3:1", "repeat_block=1:3:2"] and res["effective_depth"] == [4, 6]
+    proc = run_module(MOD, ["sweep", "loop-repeats", "--load", tiny_ckpts.loop, "--repeats", "1,2", "--tasks",
+                            "va_basic_d0", "--limit", "3", "--num-fewshot", "0", "--compare", str(plain),
+                            "--plot", str(tmp_path / "both.png"), "--out", str(tmp_path / "loop.json")])
+    assert f"wrote {tmp_path / 'both.png'}" in proc.stdout and (tmp_path / "both.png").stat().st_size > 0
+
+
+def test_compare_must_be_a_loop_repeats_result(tmp_path, capsys):
+    """A ``--compare`` file that is not a loop-repeats result is one line, before any model is
+    loaded, and nothing is written."""
+    from megatron_growloop.eval import cli
+
+    other = tmp_path / "icl.json"
+    other.write_text(json.dumps({"kind": "icl"}))
+    out = tmp_path / "k.json"
+    for bad, words in ((str(other), "is not a loop-repeats sweep result"),
+                       (str(tmp_path / "missing.json"), "is not a readable results JSON")):
+        with pytest.raises(SystemExit):
+            cli.main(["sweep", "loop-repeats", "--load", str(tmp_path / "no_model"), "--compare", bad,
+                      "--out", str(out)])
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err
+    assert not out.exists()

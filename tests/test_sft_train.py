@@ -8,6 +8,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from conftest import read_metrics, run_module
 
@@ -116,3 +117,29 @@ def test_interrupted_finetune_resumes_exactly(parity_setup, tmp_path):
     parts = [r["loss"] for r in read_metrics(tmp_path / "a.jsonl") + read_metrics(tmp_path / "b.jsonl")]
     assert [r["iteration"] for r in read_metrics(tmp_path / "b.jsonl")] == [3, 4]
     assert parts == full
+
+
+def test_hf_start_fine_tunes_the_converted_weights(tmp_path, monkeypatch):
+    """``--hf DIR`` converts the Hugging Face model (once, cached) and fine-tunes its weights
+    with the checkpoint's architecture: at LR 0 the saved weights are exactly the converted
+    ones (a freshly initialised model would differ), and a second launch reuses the cache."""
+    from megatron_growloop.convert.fixtures import write_random_llama
+    from megatron_growloop.convert.megatron_io import load_model_tensors
+
+    monkeypatch.setenv("MEGATRON_GROWLOOP_CACHE", str(tmp_path / "cache"))
+    hf = write_random_llama(tmp_path / "hf", seed=0)  # 3 layers, GQA, head_dim 24, vocab 300
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"w{i}=", "answer": str(i % 10)}) + "\n" for i in range(20)))
+    common = ["--hf", hf, "--tokenizer-type", "ByteTokenizer", "--sft-data", data, "--seq-length", "32",
+              "--micro-batch-size", "2", "--train-iters", "2", "--lr", "0"]
+    finetune(common + ["--save", tmp_path / "tuned"])
+    converted = list((tmp_path / "cache" / "eval_hf").iterdir())
+    assert len(converted) == 1
+    ref, got = load_model_tensors(str(converted[0])), load_model_tensors(str(tmp_path / "tuned"))
+    assert set(ref) == set(got)
+    for k in ref:
+        assert torch.equal(ref[k].to(got[k].dtype), got[k]), k
+    meta = json.loads(next((tmp_path / "tuned").glob("iter_*/growloop.json")).read_text())
+    assert (meta["arch"]["num_layers"], meta["arch"]["kv_channels"]) == (3, 24)
+    finetune(common + ["--save", tmp_path / "again"])
+    assert list((tmp_path / "cache" / "eval_hf").iterdir()) == converted
