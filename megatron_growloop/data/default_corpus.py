@@ -46,7 +46,8 @@ def _arithmetic_doc(rng: random.Random) -> str:
     return "\n".join(synthetic.arithmetic_line(rng) for _ in range(rng.randint(3, 8)))
 
 
-def _words_doc(rng: random.Random) -> str:
+def words_document(rng: random.Random) -> str:
+    """A Zipf-weighted sequence of English words (also used by the focused corpus, eval/corpus.py)."""
     words = synthetic.english_words()
     n = len(words)
     # Zipf-like: rank r drawn with probability ~ 1/(r+10)
@@ -64,7 +65,7 @@ def generate_documents(num_documents: int = DEFAULT_NUM_DOCUMENTS, seed: int = 1
         (0.2, lambda: _copy_doc(rng, real=True)),
         (0.3, lambda: _assignment_doc(rng)),
         (0.1, lambda: _arithmetic_doc(rng)),
-        (0.2, lambda: _words_doc(rng)),
+        (0.2, lambda: words_document(rng)),
     ]
     weights = [w for w, _ in makers]
     for _ in range(num_documents):

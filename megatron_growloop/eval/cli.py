@@ -1,4 +1,4 @@
-"""``python -m megatron_growloop.eval {primitives,nll,sweep,lm-eval,export-tasks}``.
+"""``python -m megatron_growloop.eval {primitives,nll,sweep,lm-eval,export-tasks,corpus,tradeoff}``.
 
 Runs in a plain process or under ``torchrun`` (TP/PP via
 ``--tensor-model-parallel-size`` / ``--pipeline-model-parallel-size``; remaining
@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Optional
 from ..errors import ArgumentParser, UsageError, cli_errors
 from ..looping.cli import add_inference_loop_args, validate_inference_loop_args
 from ..training.initialize import teardown
-from . import lm_tasks, plots, primitives, scoring, sft_sweep, sweeps
+from ..data.tokenizer import build_tokenizer
+from . import corpus, lm_tasks, plots, primitives, scoring, sft_sweep, sweeps, tradeoff
 from .engine import LogProbEngine
 from .lm_eval_run import lm_eval_at, run_lm_eval
 from .loader import describe_model, load_for_eval, model_label
@@ -161,6 +162,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dir", required=True)
     _task_args(s)
     s.add_argument("--num-items", type=int, default=1000)
+
+    s = sub.add_parser("corpus", help="a focused pretraining corpus (continuation form) with evaluation items held out")
+    s.add_argument("--out", required=True, help="output prefix: PREFIX.jsonl, PREFIX_text_document.{bin,idx}, "
+                   "PREFIX.manifest.json")
+    s.add_argument("--num-documents", type=int, default=corpus.CorpusSpec.num_documents)
+    s.add_argument("--seed", type=int, default=corpus.CorpusSpec.seed, help="the corpus generator's seed")
+    s.add_argument("--weights", default=",".join(f"{k}={w}" for k, w in corpus.CorpusSpec.weights),
+                   help=f"KIND=WEIGHT,... over {', '.join(corpus.KINDS)} (per document)")
+    s.add_argument("--va-depth-weights", default=",".join(str(w) for w in corpus.CorpusSpec.va_depth_weights),
+                   help="weights of assignment depths 0,1,2,...")
+    s.add_argument("--max-examples", type=int, default=corpus.CorpusSpec.max_examples)
+    s.add_argument("--max-queries", type=int, default=corpus.CorpusSpec.max_queries)
+    s.add_argument("--heldout-tasks", default="all", help="evaluation tasks whose items are held out ('' = none)")
+    s.add_argument("--heldout-seeds", default="0", help="evaluation seeds held out, comma-separated")
+    s.add_argument("--heldout-items", type=int, default=1000, help="items per task and seed held out")
+    s.add_argument("--heldout-demos", type=int, default=20, help="in-context examples per item held out too")
+    s.add_argument("--tokenizer-type", default="ByteTokenizer")
+    s.add_argument("--tokenizer-model", default=None)
+    s.add_argument("--train-tokenizer", type=int, default=None, metavar="VOCAB",
+                   help="train a byte-level BPE of VOCAB tokens on the corpus (PREFIX_tokenizer/) and use it")
+
+    s = sub.add_parser("tradeoff", help="Fig. 1: accuracy vs unique parameters, inference and training FLOPs")
+    s.add_argument("--run", action="append", default=[], metavar="NAME=CKPT:RESULTS.json",
+                   help="a checkpoint and its primitives result JSON; repeat a NAME for several seeds")
+    s.add_argument("--metric", default="all", help="task group or comma-separated tasks averaged (e.g. copy,va_basic)")
+    s.add_argument("--score", default="acc_norm", choices=list(tradeoff.SCORES))
+    s.add_argument("--out", required=True, help="output directory: tradeoff.json, tradeoff.png")
     return p
 
 
@@ -384,10 +412,46 @@ def cmd_export(args) -> Dict[str, Any]:
     return {"tasks": names, "dir": args.dir}
 
 
+def cmd_corpus(args) -> Dict[str, Any]:
+    spec = corpus.CorpusSpec(
+        num_documents=args.num_documents, seed=args.seed, weights=corpus.parse_weights(args.weights),
+        va_depth_weights=corpus.float_tuple(args.va_depth_weights, "--va-depth-weights"),
+        max_examples=args.max_examples, max_queries=args.max_queries)
+    heldout = corpus.HeldOut(tasks=corpus.resolve_heldout_tasks(args.heldout_tasks),
+                             seeds=corpus.int_tuple(args.heldout_seeds, "--heldout-seeds"),
+                             items=args.heldout_items, demos=args.heldout_demos)
+    tok = None if args.train_tokenizer else build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    t0 = time.time()
+    manifest = corpus.build_corpus(spec, heldout, args.out, tok, tokenizer_vocab=args.train_tokenizer)
+    print(f"wrote {manifest['total_documents']} documents ({manifest['total_chars']} characters) to "
+          f"{manifest['data_prefix']}; held out {manifest['heldout_instances']} evaluation instances, dropped "
+          f"{sum(manifest['stats']['dropped'].values())} documents, {manifest['heldout_questions_checked']} held-out "
+          f"questions checked absent; {time.time() - t0:.0f} s", flush=True)
+    return manifest
+
+
+def cmd_tradeoff(args) -> Dict[str, Any]:
+    report = tradeoff.tradeoff([tradeoff.RunSpec.parse(r) for r in args.run], args.metric, args.score)
+    out = Path(args.out)
+    _write_json(str(out / "tradeoff.json"), report)
+    print(f"wrote {plots.plot_tradeoff(report, str(out / 'tradeoff.png'))}", flush=True)
+    for m in report["models"]:
+        print(f"{m['name']:24s} {report['score']} {m['accuracy']:.3f} ± {m['stderr']:.3f} ({m['n_runs']} run(s))  "
+              f"params {m['unique_parameters']:.3e}  inference {m['inference_flops_per_token']:.3e} FLOP/token  "
+              f"training {m['training_flops']:.3e} FLOPs", flush=True)
+    for key, names in report["pareto"].items():
+        print(f"Pareto front ({key}): {', '.join(names)}", flush=True)
+    return report
+
+
+LOCAL_COMMANDS = ("export-tasks", "corpus", "tradeoff")
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     with cli_errors(PROG):
         args = build_parser().parse_args(argv)
-        if args.command != "export-tasks" and not (args.command == "sweep" and args.sweep == "sft"):
+        local = args.command in LOCAL_COMMANDS or (args.command == "sweep" and args.sweep == "sft")
+        if not local:
             validate_inference_loop_args(args)
         if args.command == "primitives":
             out = cmd_primitives(args)
@@ -398,9 +462,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                    "loop-repeats": cmd_sweep_loop_repeats}[args.sweep](args)
         elif args.command == "lm-eval":
             out = cmd_lm_eval(args)
+        elif args.command == "corpus":
+            out = cmd_corpus(args)
+        elif args.command == "tradeoff":
+            out = cmd_tradeoff(args)
         else:
             out = cmd_export(args)
-        if args.command != "export-tasks":
-
+        if args.command not in LOCAL_COMMANDS:
             teardown()
         return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -87,5 +88,8 @@ def heldout_nll(
     total = sum(s for s, _ in sums)
     count = sum(c for _, c in sums)
     nll = total / max(count, 1.0)
-    return {"nll": nll, "perplexity": math.exp(nll) if nll < 700 else float("inf"), "tokens": int(count),
-            "samples": n}
+    # standard error over micro-batches (held-out sampling error; the same samples for every model)
+    per_batch = [s / c for s, c in sums if c > 0]
+    se = (float(np.std(per_batch, ddof=1) / math.sqrt(len(per_batch))) if len(per_batch) > 1 else float("nan"))
+    return {"nll": nll, "nll_stderr": se, "stderr_over": f"{len(per_batch)} micro-batches of {micro_batch_size}",
+            "perplexity": math.exp(nll) if nll < 700 else float("inf"), "tokens": int(count), "samples": n}

@@ -202,6 +202,39 @@ def plot_loop_repeats(result: Dict[str, Any], path: str, metric: str = "acc_norm
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle(f"Accuracy against {result['axis']} (dotted: the value trained with)", fontsize=9)
+
+
+def plot_tradeoff(report: Dict[str, Any], path: str) -> str:
+    """Fig. 1: accuracy against unique parameters, inference FLOPs/token and training FLOPs.
+
+    One point per model (error bar: its standard error), the Pareto front of each panel as a
+    step line through the non-dominated points (ringed), chance dashed; log-scaled costs."""
+    plt = _mpl()
+
+    axes_spec = list(report["axes"].items())
+    models = report["models"]
+    fig, axes = plt.subplots(1, len(axes_spec), figsize=(5.0 * len(axes_spec), 4.2), squeeze=False,
+                             layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {m["name"]: colors[i % len(colors)] for i, m in enumerate(models)}
+    for ax, (key, label) in zip(axes[0], axes_spec):
+        for m in models:
+            ax.errorbar(m[key], m["accuracy"], yerr=m["stderr"], fmt="o", color=color[m["name"]],
+                        capsize=3, label=m["name"])
+        front = [next(m for m in models if m["name"] == n) for n in report["pareto"][key]]
+        if front:
+            xs = [m[key] for m in front]
+            ys = [m["accuracy"] for m in front]
+            ax.step(xs, ys, where="post", color="black", lw=1.0, ls="--", alpha=0.7)
+            ax.scatter(xs, ys, s=160, facecolors="none", edgecolors="black", lw=1.0, zorder=3)
+        ax.axhline(report["chance"], color="grey", lw=1.0, ls=":", label="chance")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"{report['score']} (mean over {report['metric']})")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    fig.suptitle(f"Trade-offs ({len(report['tasks'])} tasks; dashed: Pareto front, ringed: on it)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -167,6 +167,7 @@ class _Example:
     delimiter: str
     choices: Tuple[str, ...]
     answer: str
+    instance: Any  # the raw CopyInstance / AssignmentInstance
 
 
 def _instance(spec: TaskSpec, rng: random.Random):
@@ -185,7 +186,7 @@ def _example(spec: TaskSpec, rng: random.Random, template: PromptTemplate) -> _E
         prompt, delim = template.assignment(inst, FORMS[spec.form])
         choices = list(inst.values)
     rng.shuffle(choices)
-    return _Example(prompt, delim, tuple(choices), inst.answer)
+    return _Example(prompt, delim, tuple(choices), inst.answer, inst)
 
 
 def _rng(spec: TaskSpec, seed: int, stream: str, index: int) -> random.Random:
@@ -228,6 +229,20 @@ def make_item(
         prompt=test.prompt,
         template=tmpl.name,
     )
+
+
+def item_instances(name: str, index: int, seed: int = 0, num_demos: int = DEFAULT_NUM_FEWSHOT):
+    """``(test instance, [demo instances])`` behind item ``index`` of task ``name``.
+
+    The raw instances (independent of template and surface form) through the same random
+    streams as :func:`make_item`, so a training corpus can hold the exact evaluation items
+    out (:mod:`megatron_growloop.eval.corpus`).
+    """
+    spec = get_task(name)
+    tmpl = get_template(DEFAULT_TEMPLATE)
+    test = _example(spec, _rng(spec, seed, "test", index), tmpl).instance
+    demo_rng = _rng(spec, seed, "demo", index)
+    return test, [_example(spec, demo_rng, tmpl).instance for _ in range(int(num_demos))]
 
 
 def generate_task(
