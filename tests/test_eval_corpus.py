@@ -17,7 +17,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_growloop.data import synthetic
-from megatron_growloop.data.tokenizer import ByteTokenizer
+from megatron_growloop.data.tokenizer import ByteTokenizer, build_tokenizer
 from megatron_growloop.eval import cli, corpus, primitives
 
 HELDOUT = corpus.HeldOut(tasks=tuple(primitives.resolve_tasks("copy,va_basic")), seeds=(1, 2), items=40, demos=5)
@@ -106,3 +106,30 @@ def test_bad_options_are_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not list(tmp_path.iterdir())
+
+
+def test_trained_bpe_never_merges_across_the_answer_boundary(tmp_path):
+    """The evaluation scores ``tok(context + answer)`` split after ``len(tok(context))``
+    tokens (engine.py, lm-eval's ``_encode_pair``): with the corpus tokenizer the context's
+    tokens are a prefix of the joint tokenisation, so the split is exactly the answer."""
+    m = corpus.build_corpus(corpus.CorpusSpec(num_documents=400, seed=2), corpus.HeldOut(),
+                            str(tmp_path / "c"), tokenizer_vocab=400)
+    tok = build_tokenizer("HuggingFaceTokenizer", m["tokenizer_dir"])
+    assert tok.vocab_size <= 400 and m["tokenizer"] == tok.unique_identifiers
+    texts = corpus.read_corpus_texts(m["jsonl"])
+    bin_ids = [np.asarray(x).tolist() for x in IndexedDataset(m["data_prefix"])]
+    assert all(ids[-1] == tok.eod for ids in bin_ids)  # one end-of-document token closes each document
+    assert [tok.detokenize(ids[:-1]) for ids in bin_ids] == texts
+    checked = 0
+    for task in primitives.resolve_tasks("copy,va_basic"):
+        for item in primitives.generate_task(task, 20, seed=9, num_fewshot=2, template="continuation"):
+            context = item.prompt + item.delimiter
+            for choice in item.choices:
+                ctx = context.rstrip(" ")
+                cont = context[len(ctx):] + choice
+                joint, head = tok.tokenize(ctx + cont), tok.tokenize(ctx)
+                assert joint[:len(head)] == head, (task, item.index, choice)
+                checked += 1
+    assert checked > 100
+    # an assignment line is ``u=`` (one token), the value, the newline
+    assert len(tok.tokenize("u=13\n")) == 3

@@ -41,10 +41,13 @@ def _ckpt(root: Path, name: str, *, params=1000, depth=4, layers=4, train=1e12, 
     return str(d)
 
 
-def _results(root: Path, name: str, accs: dict, stderr=0.05, depth=None) -> str:
+def _results(root: Path, name: str, accs: dict, stderr=0.05, depth=None, iteration=10) -> str:
+    model = {"iteration": iteration}
+    if depth:
+        model["effective_depth"] = depth
     res = {"results": {t: {"task": t, "n": 100, "acc": a, "acc_stderr": stderr, "acc_norm": a,
                            "acc_norm_stderr": stderr, "chance": 0.2} for t, a in accs.items()},
-           "model": {"effective_depth": depth} if depth else {}}
+           "model": model}
     p = root / f"{name}.json"
     p.write_text(json.dumps(res))
     return str(p)
@@ -113,10 +116,18 @@ def test_cli_writes_json_and_png_with_the_front(tmp_path):
     ("missing_task", "lack task(s) va_basic_d2"),
     ("bad_run", "expected NAME=CHECKPOINT:RESULTS.json"),
     ("bad_metric", "unknown reasoning-primitive task"),
+    ("other_iteration", "was evaluated at iteration 5, but checkpoint"),
+    ("partial_accounting", "growloop.json accounting lacks 'inference_flops_per_token'"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, case, message):
     ck = _ckpt(tmp_path, "a", accounting=case != "no_accounting", flops=case != "no_training_flops")
-    res = _results(tmp_path, "a", {k: v for k, v in VA.items() if case != "missing_task" or k != "va_basic_d2"})
+    if case == "partial_accounting":
+        meta_path = Path(ck) / "iter_0000010" / "growloop.json"
+        meta = json.loads(meta_path.read_text())
+        del meta["accounting"]["inference_flops_per_token"]
+        meta_path.write_text(json.dumps(meta))
+    res = _results(tmp_path, "a", {k: v for k, v in VA.items() if case != "missing_task" or k != "va_basic_d2"},
+                   iteration=5 if case == "other_iteration" else 10)
     run = {"missing_ckpt": f"A={tmp_path / 'nope'}:{res}", "missing_results": f"A={ck}:{tmp_path / 'nope.json'}",
            "bad_run": "A-no-equals"}.get(case, f"A={ck}:{res}")
     metric = "va_basic_x" if case == "bad_metric" else "va_basic"

@@ -119,9 +119,21 @@ def evaluated_inference_flops(meta: Dict[str, Any], acc: Dict[str, Any], res: Di
     return int(arch.shape.forward_flops_per_token(int(evaluated), arch.seq_length)), int(evaluated)
 
 
+def check_same_checkpoint(spec: RunSpec, meta: Dict[str, Any], res: Dict[str, Any]) -> None:
+    """Refuse a result file evaluated on another iteration than the checkpoint's accounting.
+
+    The result records the iteration it loaded (``model.iteration``); paths are not
+    compared, so moved run directories still work."""
+    evaluated = (res.get("model") or {}).get("iteration")
+    if evaluated is not None and meta.get("iteration") is not None and int(evaluated) != int(meta["iteration"]):
+        raise UsageError(f"run {spec.name}: {spec.results} was evaluated at iteration {evaluated}, but checkpoint "
+                         f"{spec.checkpoint} is at iteration {meta['iteration']}; give the evaluated checkpoint")
+
+
 def load_run(spec: RunSpec, tasks: Sequence[str], score: str) -> RunPoint:
     meta, acc = _accounting(spec)
     res = _results(spec)
+    check_same_checkpoint(spec, meta, res)
     mean, se = group_accuracy(res, tasks, score, where=f"run {spec.name}: {spec.results}: ")
     flops, depth = evaluated_inference_flops(meta, acc, res)
     return RunPoint(spec.name, spec.checkpoint, spec.results, mean, se, int(acc["unique_parameters"]), flops,
