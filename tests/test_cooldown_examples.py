@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_fixtures import write_torch_dist_skeleton
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SHIM = """#!/usr/bin/env bash
@@ -30,14 +32,7 @@ PRESET_ARCH = {
 def _fake_checkpoint(path: Path, iteration: int, arch: dict) -> None:
     """The files ``--load`` reads before anything is built: the marker and ``growloop.json``."""
     d = path / f"iter_{iteration:07d}"
-    d.mkdir(parents=True)
-    # a structurally complete torch_dist directory (the checkpoint validation reads these)
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    dcp.save({"x": torch.zeros(1)}, storage_writer=dcp.FileSystemWriter(str(d)), no_dist=True)
-    torch.save({}, d / "common.pt")
-    (d / "metadata.json").write_text(json.dumps({"sharded_backend": "torch_dist"}))
+    write_torch_dist_skeleton(d)
     rec = {"seq_length": 2048, "rotary_base": 10000.0, "norm_epsilon": 1e-5, "init_method_std": 0.02, "loop": None,
            **arch}
     (d / "growloop.json").write_text(json.dumps({"iteration": iteration, "arch": rec, "tokenizer": {

@@ -17,6 +17,7 @@ import pytest
 
 from megatron_growloop.errors import UsageError
 from megatron_growloop.eval import cli, tradeoff
+from ckpt_fixtures import write_torch_dist_skeleton
 from megatron_growloop.model.arch import Arch
 
 ARCH = Arch(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=176,
@@ -27,8 +28,7 @@ def _ckpt(root: Path, name: str, *, params=1000, depth=4, layers=4, train=1e12, 
           arch=ARCH) -> str:
     d = root / name
     it = d / "iter_0000010"
-    it.mkdir(parents=True)
-    (it / ".metadata").write_text("")
+    write_torch_dist_skeleton(it)
     meta = {"iteration": 10, "arch": arch.to_meta(), "tokens": 5120}
     if accounting:
         meta["accounting"] = {"unique_layers": layers, "effective_depth": depth, "unique_parameters": params,

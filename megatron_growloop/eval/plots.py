@@ -202,6 +202,9 @@ def plot_loop_repeats(result: Dict[str, Any], path: str, metric: str = "acc_norm
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
     fig.suptitle(f"Accuracy against {result['axis']} (dotted: the value trained with)", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def plot_tradeoff(report: Dict[str, Any], path: str) -> str:
