@@ -575,6 +575,15 @@ class Trainer:
                 c.before_step(self)
             t0 = time.perf_counter()
             out = self.train_step()
+            if out["loss"] is not None:
+                window_loss = out["loss"].detach() if window_loss is None else window_loss + out["loss"]
+            it = self.state.iteration + 1
+            host_loss = None  # a host value of the loss exists only at log intervals
+            if it % a.log_interval == 0 or it == a.train_iters:
+                # the host read waits for the device: inside the timed step, so that the window's
+                # time is the device's, not only the launches'
+                host_loss = loss_value(None if window_loss is None else window_loss / (window_n + 1))
+                window_loss = None
             dt = time.perf_counter() - t0
             depth = self.unwrapped.effective_depth
             backward = self.unwrapped.backward_depth  # < depth with truncated backprop
@@ -591,17 +600,11 @@ class Trainer:
             window_tokens += tokens_per_iter
             window_n += 1
             window_k += repeats or 0
-            if out["loss"] is not None:
-                window_loss = out["loss"].detach() if window_loss is None else window_loss + out["loss"]
             last = out
-            it = self.state.iteration
             if a.metrics_file and self.is_logging_rank:  # per-step records: a host read every step
                 loop = {} if repeats is None else {"loop_repeats": repeats, "backward_depth": backward}
                 self._write_metrics(it, out, depth, dt, loop)
-            host_loss = None  # a host value of the loss exists only at log intervals
             if it % a.log_interval == 0 or it == a.train_iters:
-                host_loss = loss_value(None if window_loss is None else window_loss / window_n)
-                window_loss = None
                 tflops = window_flops / window_t / self.world_size / 1e12
                 metrics = {
                     "lm loss": host_loss,
