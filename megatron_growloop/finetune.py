@@ -49,7 +49,7 @@ from .paths import cache_dir
 from .training.arguments import Launch, parse_args
 from .training.checkpointing import META_NAME, TRACKER
 from .training.controller import Controller
-from .training.initialize import teardown
+from .training.run_guard import run_training
 from .training.trainer import Trainer
 
 PROG = "megatron_growloop.finetune"
@@ -268,17 +268,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     with cli_errors(PROG):
         data = SFTData()
         launch = parse_finetune_args(argv, data=data)
-        trainer = Trainer(launch, [SFTRecord(data)], datasets_provider=data.provider)
-        trainer.setup()
-        summary = trainer.train()
-        if trainer.is_logging_rank:
-            loss = summary["final_loss"]
-            print(f"done: {summary['iteration']} iterations, final loss {loss if loss is None else round(loss, 4)}",
-                  flush=True)
-            if summary["checkpoint"]:
-                print(f"checkpoint: {summary['checkpoint']}", flush=True)
-        teardown()
-        return summary
+        return run_training(launch, lambda launch: Trainer(launch, [SFTRecord(data)], datasets_provider=data.provider))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ from .errors import cli_errors
 from .growth.cli import add_growth_args, growth_controller, validate_growth_args
 from .plan.startup import announce
 from .training.arguments import Launch, parse_args
-from .training.initialize import init_distributed, rng_options, teardown
-from .training.run_guard import guarded_run
+from .training.run_guard import run_training
 from .training.trainer import Trainer
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
@@ -42,25 +41,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
         plan = announce(launch, int(os.environ.get("WORLD_SIZE", "1")))  # the planner's line, as Megatron-LM
         if launch.args.dry_run:
             return {"dry_run": True, "plan": plan.to_json()}
-        a = launch.args
-        init_distributed(a.tensor_model_parallel_size, a.pipeline_model_parallel_size, backend=a.distributed_backend,
-                         timeout_minutes=a.distributed_timeout_minutes, seed=a.seed, **rng_options(a))
-        # one writer per --save, leftovers of interrupted saves, the validated --load checkpoint
-        with guarded_run(launch) as launch:
-            trainer = build_trainer(launch)
-            trainer.setup()
-            summary = trainer.train()
-        if trainer.is_logging_rank:
-            loss = summary["final_loss"]
-            print(f"done: {summary['iteration']} iterations, final loss {loss if loss is None else round(loss, 4)}",
-                  flush=True)
-            if summary["checkpoint"]:
-                print(f"checkpoint: {summary['checkpoint']}", flush=True)
-            if summary["tensorboard_dir"]:
-                print(f"tensorboard logs: {summary['tensorboard_dir']}  (tensorboard --logdir {summary['tensorboard_dir']})",
-                      flush=True)
-        teardown()
-        return summary
+        return run_training(launch, build_trainer)
 
 
 if __name__ == "__main__":

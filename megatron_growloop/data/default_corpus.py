@@ -17,7 +17,7 @@ import random
 import shutil
 import socket
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ..paths import cache_dir
 from . import synthetic
@@ -78,31 +78,34 @@ def _key(tokenizer) -> str:
     return hashlib.md5(ident.encode()).hexdigest()[:12]
 
 
-def default_data_prefix(tokenizer, build: bool = True) -> str:
-    """Prefix of the default indexed dataset for ``tokenizer``, building it if needed.
+def cached_dataset(root: Path, stem: str, documents: Iterable[str], tokenizer, build: bool = True) -> str:
+    """Prefix ``root/<stem>_text_document`` of an indexed dataset of ``documents``, built once.
 
     Safe when several processes call it at once, on one node or on several sharing the
     cache directory: each builds in its own temporary directory (host and pid in its name)
-    and the first to finish publishes it with an atomic rename.
-    """
-    root = cache_dir() / "default_data" / _key(tokenizer)
-    prefix = str(root / "default_text_document")
+    and the first to finish publishes it with an atomic rename."""
+    prefix = str(root / f"{stem}_text_document")
     if dataset_exists(prefix) or not build:
         return prefix
     tmp = Path(f"{root}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    jsonl = tmp / "default.jsonl"
+    jsonl = tmp / f"{stem}.jsonl"
     with open(jsonl, "w", encoding="utf-8") as f:
-        for doc in generate_documents():
+        for doc in documents:
             f.write(json.dumps({"text": doc}) + "\n")
-
-    preprocess(iter_documents([str(jsonl)]), str(tmp / "default"), tokenizer)
+    preprocess(iter_documents([str(jsonl)]), str(tmp / stem), tokenizer)
     root.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(tmp, root)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # someone else published it first
     if not dataset_exists(prefix):
-        raise RuntimeError(f"default dataset was not built at {prefix}")
+        raise RuntimeError(f"dataset was not built at {prefix}")
     return prefix
+
+
+def default_data_prefix(tokenizer, build: bool = True) -> str:
+    """Prefix of the default indexed dataset for ``tokenizer``, building it if needed."""
+    return cached_dataset(cache_dir() / "default_data" / _key(tokenizer), "default", generate_documents(),
+                          tokenizer, build)

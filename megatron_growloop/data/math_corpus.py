@@ -15,21 +15,16 @@ corpus's prefix instead (the "web" part of the CPU recipes).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
 import random
-import shutil
 import sys
-from pathlib import Path
 from typing import Iterator, List, Optional
 
 from ..errors import ArgumentParser, cli_errors
 from ..paths import cache_dir
 from . import synthetic
-from .default_corpus import default_data_prefix
-from .preprocess import dataset_exists, iter_documents, preprocess
+from .default_corpus import cached_dataset, default_data_prefix
 from .tokenizer import build_tokenizer
 
 MATH_CORPUS_VERSION = 1
@@ -59,23 +54,7 @@ def math_data_prefix(tokenizer, build: bool = True) -> str:
     """Prefix of the synthetic math indexed dataset for ``tokenizer``, built once (atomically)."""
     ident = json.dumps({"v": MATH_CORPUS_VERSION, "tok": tokenizer.unique_identifiers}, sort_keys=True)
     root = cache_dir() / "math_data" / hashlib.md5(ident.encode()).hexdigest()[:12]
-    prefix = str(root / "math_text_document")
-    if dataset_exists(prefix) or not build:
-        return prefix
-    tmp = Path(f"{root}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    jsonl = tmp / "math.jsonl"
-    with open(jsonl, "w", encoding="utf-8") as f:
-        for doc in generate_math_documents():
-            f.write(json.dumps({"text": doc}) + "\n")
-    preprocess(iter_documents([str(jsonl)]), str(tmp / "math"), tokenizer)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, root)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process published it first
-    return prefix
+    return cached_dataset(root, "math", generate_math_documents(), tokenizer, build)
 
 
 def main(argv: Optional[List[str]] = None) -> str:

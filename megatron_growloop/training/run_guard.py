@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import torch.distributed as dist
 
@@ -24,6 +24,7 @@ from . import ckpt_commit, ckpt_validate
 from .arguments import Launch
 from .checkpointing import read_metadata
 from .ckpt_select import select_checkpoint
+from .initialize import init_distributed, rng_options, teardown
 from .save_lock import SaveLock
 
 
@@ -83,3 +84,27 @@ def select_load(args) -> None:
         ckpt_validate.mark_verified(chosen)
     if chosen and fallback and os.path.abspath(chosen) != os.path.abspath(ckpt_validate.latest_dir(load) or chosen):
         args.load = chosen
+
+
+def run_training(launch: Launch, make_trainer: Callable[[Launch], Any]) -> Dict[str, Any]:
+    """A whole training run, for every entry point (``pretrain``, ``finetune``): process groups,
+    the guarded run around the trainer ``make_trainer(launch)`` builds, the closing lines, teardown."""
+    a = launch.args
+    init_distributed(a.tensor_model_parallel_size, a.pipeline_model_parallel_size, backend=a.distributed_backend,
+                     timeout_minutes=a.distributed_timeout_minutes, seed=a.seed, **rng_options(a))
+    # one writer per --save, leftovers of interrupted saves, the validated --load checkpoint
+    with guarded_run(launch) as launch:
+        trainer = make_trainer(launch)
+        trainer.setup()
+        summary = trainer.train()
+    if trainer.is_logging_rank:
+        loss = summary["final_loss"]
+        print(f"done: {summary['iteration']} iterations, final loss {loss if loss is None else round(loss, 4)}",
+              flush=True)
+        if summary["checkpoint"]:
+            print(f"checkpoint: {summary['checkpoint']}", flush=True)
+        if summary.get("tensorboard_dir"):
+            board = summary["tensorboard_dir"]
+            print(f"tensorboard logs: {board}  (tensorboard --logdir {board})", flush=True)
+    teardown()
+    return summary
