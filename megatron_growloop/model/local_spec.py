@@ -20,6 +20,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from .attention import SDPAttention
 from .fusions import RMSNorm
 from .implementation import Implementation
+from .linear import ColumnParallelLinear, RowParallelLinear
 
 
 def local_layer_spec(impl: Implementation) -> ModuleSpec:
@@ -28,6 +29,11 @@ def local_layer_spec(impl: Implementation) -> ModuleSpec:
     sub = spec.submodules
     sub.input_layernorm = RMSNorm
     sub.pre_mlp_layernorm = RMSNorm
+    # the same linear layers with a plain F.linear when decoding at TP=1 (model/linear.py)
+    sub.self_attention.submodules.linear_qkv = ColumnParallelLinear
+    sub.self_attention.submodules.linear_proj = RowParallelLinear
+    sub.mlp.submodules.linear_fc1 = ColumnParallelLinear
+    sub.mlp.submodules.linear_fc2 = RowParallelLinear
     if impl.core_attention == "sdpa":
         sub.self_attention.submodules.core_attention = SDPAttention
     return spec
