@@ -15,6 +15,9 @@ from typing import Dict, List, Set, Tuple
 PKG_DIR = Path(__file__).resolve().parents[1] / "megatron_growloop"
 # Optional dependencies (extras): the only imports allowed inside functions.
 OPTIONAL = {"transformer_engine", "lm_eval", "flash_attn", "apex", "accelerate"}
+# Modules that exist to wrap an optional dependency (they import it at their top): importing them
+# inside a function is importing that dependency lazily.
+OPTIONAL_WRAPPERS = {"megatron_growloop.eval.harness"}
 # The intended layering, bottom to top: a package may import only packages listed before it.
 LAYERS = ["errors", "paths", "accounting", "platform", "looping", "model", "data", "training", "growth",
           "convert", "eval", "analysis", "plan", "generate", "finetune", "pretrain"]
@@ -106,5 +109,20 @@ def test_packages_import_only_lower_layers():
 
 def test_function_local_imports_are_optional_dependencies_only():
     local = sorted({(src, dst) for src, dst, is_local in _imports()
-                    if is_local and dst.split(".")[0] not in OPTIONAL})
+                    if is_local and dst.split(".")[0] not in OPTIONAL
+                    and not any(dst == w or dst.startswith(w + ".") for w in OPTIONAL_WRAPPERS)})
     assert not local, f"move these imports to module top (no cycle forces them): {local}"
+
+
+def test_the_cli_entry_points_import_without_the_optional_extras():
+    """``pip install .`` (no extras) must run pretraining, fine-tuning, evaluation of the primitives,
+    analysis and planning: none of their modules may import an optional dependency at its top."""
+    import subprocess
+    import sys
+
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in sorted(OPTIONAL))
+    code = (f"import sys; {blocked}; import megatron_growloop.pretrain, megatron_growloop.finetune, "
+            "megatron_growloop.eval.cli, megatron_growloop.analysis.cli, megatron_growloop.plan.cli, "
+            "megatron_growloop.generate, megatron_growloop.convert.cli")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG_DIR.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -15,7 +15,19 @@ import torch.distributed as dist
 
 from ..errors import UsageError
 from . import lm_tasks, primitives
-from .harness import GrowLoopLM
+
+
+def _lm_eval():
+    """lm-eval and the adapter on it, imported when needed: lm-eval is an optional extra, and the
+    rest of the evaluation CLI (primitives, NLL, sweeps) must work without it."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UsageError("lm-eval is not installed: pip install 'megatron_growloop[eval]' (or lm-eval>=0.4.8)") from None
+    from .harness import GrowLoopLM  # the adapter subclasses lm-eval's TemplateLM
+
+    return lm_eval, TaskManager, GrowLoopLM
 
 
 def _split_tasks(spec: str):
@@ -55,8 +67,7 @@ def run_lm_eval(args, load: Callable, write_json: Callable, log: Callable) -> Di
         raise UsageError(f"--limit must be >= 1, got {args.limit}")
     model, meta, tok, info = load(args)
     task_dir = _task_dir(prims, max(args.num_items, args.limit or 0), args.seed, args.num_fewshot, args.template)
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    lm_eval, TaskManager, GrowLoopLM = _lm_eval()
 
     lm = GrowLoopLM(model=model, tokenizer=tok, batch_size=args.batch_size, max_length=args.max_length,
                     use_cache=not args.no_shared_context)
@@ -110,8 +121,7 @@ def lm_eval_at(model, tokenizer, tasks: str, limit: Optional[int] = None, seed: 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     prims, others = _split_tasks(tasks)
     task_dir = _task_dir(prims, max(num_items, limit or 0), seed, num_fewshot, template)
-    import lm_eval
-    from lm_eval.tasks import TaskManager
+    lm_eval, TaskManager, GrowLoopLM = _lm_eval()
 
     lm = GrowLoopLM(model=model, tokenizer=tokenizer, batch_size=batch_size, loop_repeats=loop_repeats,
                     repeat_block=repeat_block)
