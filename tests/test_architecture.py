@@ -126,3 +126,12 @@ def test_the_cli_entry_points_import_without_the_optional_extras():
             "megatron_growloop.generate, megatron_growloop.convert.cli")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PKG_DIR.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_every_package_directory_is_a_regular_package():
+    """``find_packages`` (setup.py) ships only directories with an ``__init__.py``: without one,
+    ``pip install .`` leaves the package out and the installed project fails outside the source tree."""
+    missing = sorted(str(d.relative_to(PKG_DIR.parent)) for d in PKG_DIR.rglob("*")
+                     if d.is_dir() and d.name != "__pycache__" and any(d.glob("*.py"))
+                     and not (d / "__init__.py").exists())
+    assert not missing, f"add an __init__.py to: {missing}"
