@@ -1,4 +1,5 @@
-"""Where the project caches what it builds once (tokenizers, default data, fixtures)."""
+"""Where the project caches what it builds once (tokenizers, default data, fixtures), and whether the
+process that owns a leftover file (a temporary dataset, a save lock) is still alive."""
 
 from __future__ import annotations
 
@@ -16,3 +17,14 @@ def cache_dir() -> Path:
         path = Path(base) / "megatron_growloop"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

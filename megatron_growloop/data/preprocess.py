@@ -19,6 +19,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
 from ..errors import UsageError
+from ..paths import pid_alive
 
 
 @dataclass
@@ -130,20 +131,10 @@ def remove_stale_temporaries(prefix: str) -> List[str]:
         if not f.name.startswith(stem) or f.suffix not in (".bin", ".idx"):
             continue
         pid = f.name[len(stem):-len(f.suffix)]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             f.unlink(missing_ok=True)
             removed.append(str(f))
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_dataset(documents: Iterable[str], output_prefix: str, tokenizer, json_key: str = "text",

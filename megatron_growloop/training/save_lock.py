@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import UsageError
+from ..paths import pid_alive
 
 LOCK_NAME = "save.lock"
 HEARTBEAT_S = 30.0
@@ -66,16 +67,6 @@ def _proc_start(pid: int) -> Optional[int]:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_holder(path: os.PathLike) -> Optional[LockHolder]:
     """The holder recorded in a lock file; ``None`` if it is unreadable (half-written)."""
     try:
@@ -97,7 +88,7 @@ def is_stale(path: os.PathLike, holder: Optional[LockHolder], now: Optional[floa
     if holder is None:
         return age > 10.0  # a holder killed while writing the file; give a live writer 10 s
     if holder.host == socket.gethostname():
-        if not _pid_alive(holder.pid):
+        if not pid_alive(holder.pid):
             return True
         cur = _proc_start(holder.pid)
         return holder.proc_start is not None and cur is not None and cur != holder.proc_start

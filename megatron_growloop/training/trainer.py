@@ -517,7 +517,7 @@ class Trainer:
             c.setup(self, self.resume)
 
     def describe(self) -> str:
-        a, arch = self.args, self.arch
+        arch = self.arch
         s = self.accounting()
         loop = f"Loop({arch.loop})" if arch.loop else "no loop"
         return (
