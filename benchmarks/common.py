@@ -66,3 +66,24 @@ def write_json(path: Optional[str], payload) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2))
         print(f"wrote {path}")
+
+
+def saved_activation_bytes(trainer) -> int:
+    """Bytes of the distinct non-parameter tensors autograd saves for backward in one
+    forward pass (the activation memory of a step, device independent)."""
+    import torch  # the parent benchmark processes do not import torch
+
+    params = {p.untyped_storage().data_ptr() for p in trainer.unwrapped.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    for m in trainer.model:
+        m.zero_grad_buffer()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer._fwd_bwd(trainer.train_iter, forward_only=False)
+    return sum(seen.values())

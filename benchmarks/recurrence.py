@@ -34,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import saved_activation_bytes  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 VARIANTS = ("fixed", "uniform", "poisson-lognormal")
 
 
@@ -125,25 +126,6 @@ def worker_time(ns) -> dict:
     return out
 
 
-def _saved_activation_bytes(trainer) -> int:
-    import torch
-
-    params = {p.untyped_storage().data_ptr() for p in trainer.unwrapped.parameters()}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    for mod in trainer.model:
-        mod.zero_grad_buffer()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        trainer._fwd_bwd(trainer.train_iter, forward_only=False)
-    return sum(seen.values())
-
-
 def worker_memory(ns) -> dict:
     import resource
 
@@ -166,7 +148,7 @@ def worker_memory(ns) -> dict:
         "k": ns.memory_k,
         "effective_depth": trainer.unwrapped.effective_depth,
         "backward_depth": trainer.unwrapped.backward_depth,
-        "activation_bytes": _saved_activation_bytes(trainer),
+        "activation_bytes": saved_activation_bytes(trainer),
         "peak_memory_bytes": int(peak),
         "peak_memory_kind": "max allocated (CUDA)" if cuda else "peak RSS of the process (CPU)",
     }
